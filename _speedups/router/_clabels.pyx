@@ -1,0 +1,344 @@
+# cython: language_level=3
+"""Compiled twin of ``router/_labels_py.py``: Host parsing and label index.
+
+The table is open addressing with linear probing over a power-of-two array
+of 64-bit slots, and backward-shift deletion so that no tombstones pile up
+under a stream of expose/unexpose changes.  Routes live in a dense array of
+fixed records; deleting one moves the last record into its place.
+"""
+
+import os
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_XDECREF, Py_INCREF
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy, memset
+
+DEF MAX_LABEL = 63
+DEF MIN_SLOTS = 16
+
+cdef uint64_t U32 = 0xFFFFFFFF
+cdef uint64_t U63 = 0x7FFFFFFFFFFFFFFF
+
+
+cdef inline char _lower(char c) noexcept nogil:
+    if b"A" <= c <= b"Z":
+        return c + 32
+    return c
+
+
+cdef inline bint _digits(const char *p, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if not (b"0" <= p[i] <= b"9"):
+            return False
+    return True
+
+
+cdef inline bint _same_lower(
+    const char *a, const char *b, Py_ssize_t n
+) noexcept nogil:
+    # ``b`` is already lower-case (configured domains are normalised).
+    cdef Py_ssize_t i
+    for i in range(n):
+        if _lower(a[i]) != b[i]:
+            return False
+    return True
+
+
+def host_label(bytes host, tuple domains):
+    """The lower-cased first label when ``host`` names one under a domain."""
+    cdef const char *p = PyBytes_AS_STRING(host)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(host)
+    cdef Py_ssize_t i, dot, end
+    cdef bytes domain
+    cdef char buf[MAX_LABEL]
+
+    if n and p[0] == b"[":
+        end = -1
+        for i in range(n):
+            if p[i] == b"]":
+                end = i
+                break
+        if end < 0:
+            raise ValueError("unterminated IPv6 literal in Host")
+        if end + 1 < n and (
+            p[end + 1] != b":" or not _digits(p + end + 2, n - end - 2)
+        ):
+            raise ValueError("bad port in Host")
+        return None
+
+    # 1. Drop the port, which must be digits.
+    i = n - 1
+    while i >= 0 and p[i] != b":":
+        i -= 1
+    if i >= 0:
+        if not _digits(p + i + 1, n - i - 1):
+            raise ValueError("bad port in Host")
+        n = i
+
+    # 2. One trailing dot (the absolute form of the name) is the same host.
+    if n and p[n - 1] == b".":
+        n -= 1
+
+    # 3. Exactly one label, then one of the configured domains.
+    dot = -1
+    for i in range(n):
+        if p[i] == b".":
+            dot = i
+            break
+    if dot <= 0:
+        return None
+    for domain in domains:
+        if (
+            PyBytes_GET_SIZE(domain) == n - dot - 1
+            and _same_lower(p + dot + 1, PyBytes_AS_STRING(domain), n - dot - 1)
+        ):
+            break
+    else:
+        return None
+    if dot > MAX_LABEL:
+        # Longer than any label we accept: a lookup would miss anyway, but
+        # the caller still learns this was meant as a preview host.
+        return host[:dot].lower()
+    for i in range(dot):
+        buf[i] = _lower(p[i])
+    return buf[:dot]
+
+
+cdef class LabelIndex:
+    """Label → (route_id, sandbox_slot, port, target_slot, flags)."""
+
+    def __cinit__(self):
+        self.slots = <uint64_t *>PyMem_Malloc(MIN_SLOTS * sizeof(uint64_t))
+        if self.slots == NULL:
+            raise MemoryError()
+        memset(self.slots, 0, MIN_SLOTS * sizeof(uint64_t))
+        self.mask = MIN_SLOTS - 1
+        self.entries = NULL
+        self.count = 0
+        self.capacity = 0
+        self.seed = int.from_bytes(os.urandom(8), "little")
+
+    def __dealloc__(self):
+        cdef uint32_t k
+        for k in range(self.count):
+            Py_XDECREF(self.entries[k].value)
+        PyMem_Free(self.slots)
+        PyMem_Free(self.entries)
+
+    def __len__(self):
+        return self.count
+
+    def __contains__(self, bytes label):
+        return self._find_slot(
+            PyBytes_AS_STRING(label), PyBytes_GET_SIZE(label)
+        ) >= 0
+
+    cdef uint32_t _hash(self, const char *data, Py_ssize_t n) noexcept nogil:
+        # FNV-1a keyed with a per-process seed, then a murmur3 finaliser so
+        # that the low bits (the home slot) depend on every byte.
+        cdef uint64_t h = 0xCBF29CE484222325ULL ^ self.seed
+        cdef Py_ssize_t i
+        for i in range(n):
+            h ^= <unsigned char>data[i]
+            h *= 0x100000001B3ULL
+        h ^= h >> 33
+        h *= 0xFF51AFD7ED558CCDULL
+        h ^= h >> 33
+        h *= 0xC4CEB9FE1A85EC53ULL
+        h ^= h >> 33
+        return <uint32_t>h
+
+    cdef Py_ssize_t _find_slot(self, const char *data, Py_ssize_t n) noexcept nogil:
+        cdef uint32_t h
+        cdef uint64_t i, s
+        cdef Entry *e
+        if n < 1 or n > MAX_LABEL:
+            return -1
+        h = self._hash(data, n)
+        i = h & self.mask
+        while True:
+            s = self.slots[i]
+            if s == 0:
+                return -1
+            if <uint32_t>s == h:
+                e = &self.entries[(s >> 32) - 1]
+                if e.length == n and memcmp(e.label, data, n) == 0:
+                    return <Py_ssize_t>i
+            i = (i + 1) & self.mask
+
+    cdef int _grow_slots(self) except -1:
+        cdef uint64_t size = (self.mask + 1) * 2
+        cdef uint64_t *fresh = <uint64_t *>PyMem_Malloc(size * sizeof(uint64_t))
+        cdef uint32_t k, h
+        cdef uint64_t i
+        if fresh == NULL:
+            raise MemoryError()
+        memset(fresh, 0, size * sizeof(uint64_t))
+        PyMem_Free(self.slots)
+        self.slots = fresh
+        self.mask = size - 1
+        for k in range(self.count):
+            h = self._hash(self.entries[k].label, self.entries[k].length)
+            i = h & self.mask
+            while self.slots[i] != 0:
+                i = (i + 1) & self.mask
+            self.slots[i] = ((<uint64_t>k + 1) << 32) | h
+        return 0
+
+    cdef int _grow_entries(self) except -1:
+        # Grow by half, not double: the dense array is most of the memory
+        # per route, and appends are rare next to lookups.
+        cdef uint32_t size = self.capacity + (self.capacity >> 1) + 16
+        cdef Entry *fresh = <Entry *>PyMem_Realloc(
+            self.entries, size * sizeof(Entry)
+        )
+        if fresh == NULL:
+            raise MemoryError()
+        self.entries = fresh
+        self.capacity = size
+        return 0
+
+    def set(
+        self,
+        bytes label not None,
+        route_id,
+        sandbox_slot,
+        port,
+        target_slot,
+        flags,
+    ):
+        """Insert ``label`` or replace its value."""
+        cdef const char *p = PyBytes_AS_STRING(label)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(label)
+        cdef Py_ssize_t at
+        cdef Entry *e
+        cdef uint32_t h
+        cdef uint64_t i
+
+        if not 1 <= n <= MAX_LABEL:
+            raise ValueError("label must be 1-63 bytes")
+        if not 0 <= route_id <= U63:
+            raise ValueError("route_id out of range")
+        if not (0 <= sandbox_slot <= U32 and 0 <= target_slot <= U32):
+            raise ValueError("slot out of range")
+        if not (0 <= port <= 0xFFFF and 0 <= flags <= 0xFFFF):
+            raise ValueError("port or flags out of range")
+
+        at = self._find_slot(p, n)
+        if at >= 0:
+            e = &self.entries[(self.slots[at] >> 32) - 1]
+        else:
+            if (<uint64_t>self.count + 1) * 4 > (self.mask + 1) * 3:
+                self._grow_slots()
+            if self.count == self.capacity:
+                self._grow_entries()
+            e = &self.entries[self.count]
+            e.value = NULL
+            e.length = <unsigned char>n
+            memcpy(e.label, p, n)
+            h = self._hash(p, n)
+            i = h & self.mask
+            while self.slots[i] != 0:
+                i = (i + 1) & self.mask
+            self.count += 1
+            self.slots[i] = (<uint64_t>self.count << 32) | h
+        Py_XDECREF(e.value)
+        e.value = NULL
+        e.route_id = route_id
+        e.sandbox_slot = sandbox_slot
+        e.target_slot = target_slot
+        e.port = port
+        e.flags = flags
+
+    def remove(self, bytes label not None):
+        """Drop ``label``; False when it was not there."""
+        cdef Py_ssize_t at = self._find_slot(
+            PyBytes_AS_STRING(label), PyBytes_GET_SIZE(label)
+        )
+        cdef uint64_t hole, j, home, s
+        cdef uint32_t k, last
+        cdef Py_ssize_t moved
+        if at < 0:
+            return False
+        k = <uint32_t>((self.slots[at] >> 32) - 1)
+        Py_XDECREF(self.entries[k].value)
+
+        # 1. Backward-shift deletion: pull later members of the probe run
+        # into the hole unless that would move them before their home slot.
+        hole = <uint64_t>at
+        self.slots[hole] = 0
+        j = hole
+        while True:
+            j = (j + 1) & self.mask
+            s = self.slots[j]
+            if s == 0:
+                break
+            home = (<uint32_t>s) & self.mask
+            if (j - home) & self.mask >= (j - hole) & self.mask:
+                self.slots[hole] = s
+                self.slots[j] = 0
+                hole = j
+
+        # 2. Keep the entries dense: the last record takes the freed place,
+        # and the slot that pointed at it is repointed.
+        last = self.count - 1
+        if k != last:
+            moved = self._find_slot(
+                self.entries[last].label, self.entries[last].length
+            )
+            self.entries[k] = self.entries[last]
+            self.slots[moved] = ((<uint64_t>k + 1) << 32) | (
+                self.slots[moved] & U32
+            )
+        self.count -= 1
+        return True
+
+    def lookup(self, bytes label not None):
+        cdef Py_ssize_t at = self._find_slot(
+            PyBytes_AS_STRING(label), PyBytes_GET_SIZE(label)
+        )
+        cdef Entry *e
+        if at < 0:
+            return None
+        e = &self.entries[(self.slots[at] >> 32) - 1]
+        if e.value == NULL:
+            value = (e.route_id, e.sandbox_slot, e.port, e.target_slot, e.flags)
+            Py_INCREF(value)
+            e.value = <PyObject *>value
+        return <object>e.value
+
+    def clear(self):
+        cdef uint32_t k
+        for k in range(self.count):
+            Py_XDECREF(self.entries[k].value)
+        PyMem_Free(self.entries)
+        self.entries = NULL
+        self.capacity = 0
+        self.count = 0
+        memset(self.slots, 0, (self.mask + 1) * sizeof(uint64_t))
+
+    def items(self):
+        """Every entry, sorted by label (for tests and snapshots)."""
+        cdef uint32_t k
+        cdef Entry *e
+        out = []
+        for k in range(self.count):
+            e = &self.entries[k]
+            out.append((
+                e.label[:e.length],
+                (e.route_id, e.sandbox_slot, e.port, e.target_slot, e.flags),
+            ))
+        out.sort()
+        return out
+
+    def memory_bytes(self):
+        """Bytes held by the table's C arrays."""
+        return (
+            (self.mask + 1) * sizeof(uint64_t)
+            + self.capacity * sizeof(Entry)
+            + sizeof(LabelIndex)
+        )

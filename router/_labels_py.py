@@ -1,0 +1,128 @@
+"""Pure-Python twin of ``_speedups/labels.pyx``: Host parsing and label index.
+
+The data path asks two questions per request: which label does this Host
+header name, and where does that label lead.  Both answers are here, with
+the same behaviour as the compiled twin (``router._clabels``), which the
+differential tests hold it to.  Nothing from the rest of the package is
+imported: this module sits on the bottom floor.
+"""
+
+from __future__ import annotations
+
+import sys
+
+MAX_LABEL = 63
+_U16 = 0xFFFF
+_U32 = 0xFFFFFFFF
+_U63 = 0x7FFFFFFFFFFFFFFF
+
+Value = tuple[int, int, int, int, int]
+
+
+def host_label(host: bytes, domains: tuple[bytes, ...]) -> bytes | None:
+    """The lower-cased first label when ``host`` names one under a domain.
+
+    ``host`` is a Host header value as received.  The port is dropped (it
+    must be digits, else ``ValueError``), then one trailing dot, and what is
+    left must be exactly ``label.domain`` for one of ``domains`` (given
+    lower-case, without a trailing dot).  Anything else, the bare domain and
+    deeper names included, is not a preview host: ``None``.
+    """
+    if host[:1] == b"[":
+        # An IPv6 literal is never a preview host; still insist that what
+        # follows the bracket is a port, as for every other host.
+        end = host.find(b"]")
+        if end < 0:
+            raise ValueError("unterminated IPv6 literal in Host")
+        rest = host[end + 1 :]
+        if rest and (rest[:1] != b":" or not _is_digits(rest[1:])):
+            raise ValueError("bad port in Host")
+        return None
+
+    colon = host.rfind(b":")
+    if colon >= 0:
+        if not _is_digits(host[colon + 1 :]):
+            raise ValueError("bad port in Host")
+        host = host[:colon]
+
+    if host.endswith(b"."):
+        host = host[:-1]
+
+    dot = host.find(b".")
+    if dot <= 0:
+        return None
+    if host[dot + 1 :].lower() not in domains:
+        return None
+    return host[:dot].lower()
+
+
+def _is_digits(value: bytes) -> bool:
+    # An empty port is allowed by RFC 3986 §3.2.3 (``port = *DIGIT``).
+    return value == b"" or (value.isdigit() and value.isascii())
+
+
+class LabelIndex:
+    """Label → (route_id, sandbox_slot, port, target_slot, flags).
+
+    The compiled twin keeps this in an open-addressing table of fixed-size
+    C records; here a dict gives the same answers.
+    """
+
+    __slots__ = ("_map",)
+
+    def __init__(self) -> None:
+        self._map: dict[bytes, Value] = {}
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def __contains__(self, label: bytes) -> bool:
+        return label in self._map
+
+    def set(
+        self,
+        label: bytes,
+        route_id: int,
+        sandbox_slot: int,
+        port: int,
+        target_slot: int,
+        flags: int,
+    ) -> None:
+        """Insert ``label`` or replace its value."""
+        _check_label(label)
+        if not 0 <= route_id <= _U63:
+            raise ValueError("route_id out of range")
+        if not (0 <= sandbox_slot <= _U32 and 0 <= target_slot <= _U32):
+            raise ValueError("slot out of range")
+        if not (0 <= port <= _U16 and 0 <= flags <= _U16):
+            raise ValueError("port or flags out of range")
+        self._map[bytes(label)] = (route_id, sandbox_slot, port, target_slot, flags)
+
+    def remove(self, label: bytes) -> bool:
+        """Drop ``label``; False when it was not there."""
+        return self._map.pop(label, None) is not None
+
+    def lookup(self, label: bytes) -> Value | None:
+        return self._map.get(label)
+
+    def clear(self) -> None:
+        self._map.clear()
+
+    def items(self) -> list[tuple[bytes, Value]]:
+        """Every entry, sorted by label (for tests and snapshots)."""
+        return sorted(self._map.items())
+
+    def memory_bytes(self) -> int:
+        """Approximate bytes held, for the benchmarks."""
+        total = sys.getsizeof(self._map)
+        for label, value in self._map.items():
+            total += sys.getsizeof(label) + sys.getsizeof(value)
+            total += sum(sys.getsizeof(v) for v in value if v > 256)
+        return total
+
+
+def _check_label(label: bytes) -> None:
+    if not isinstance(label, bytes):
+        raise TypeError("label must be bytes")
+    if not 1 <= len(label) <= MAX_LABEL:
+        raise ValueError("label must be 1-63 bytes")

@@ -1,0 +1,147 @@
+"""Settings, from flags, ``EDGE_ROUTER_<NAME>`` variables and a TOML file.
+
+Precedence, highest first: command-line flag, environment variable, TOML key
+(``--config FILE``), built-in default.  The names are the public interface of
+SPEC §7: scripts rely on them, so they do not change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass(slots=True)
+class Config:
+    listen: str = "127.0.0.1:8787"
+    domain: list[str] = field(default_factory=lambda: ["localhost"])
+    control: str | None = None
+    control_tcp: str | None = None
+    control_secret: str | None = None
+    state: str | None = None
+    admin: str | None = None
+    internal: str | None = None
+    workers: int = 1
+    fallback: str | None = None
+    reserved_ports: list[int] = field(default_factory=lambda: [3000])
+    head_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    connect_timeout: float = 5.0
+    response_timeout: float = 60.0
+    retry_window: float = 1.0
+    grace: float = 5.0
+    tunnel_idle_timeout: float = 0.0
+    max_head: int = 16384
+    max_body: int = 0
+    trusted_proxy: list[str] = field(default_factory=list)
+    sync: str = "full"
+    log_level: str = "info"
+    access_log: bool = True
+    demo: bool | None = None
+
+    def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(c, strict=False) for c in self.trusted_proxy]
+
+
+# name -> (flag help, parser for env/TOML strings)
+HELP = {
+    "listen": "public HTTP listener, HOST:PORT",
+    "domain": "base domain of preview URLs (repeatable)",
+    "control": "Unix control socket path",
+    "control_tcp": "also serve control on loopback HOST:PORT (needs a secret)",
+    "control_secret": "shared secret for the TCP control listener",
+    "state": "SQLite route store (routes survive restarts)",
+    "admin": "admin/metrics HTTP listener, HOST:PORT",
+    "internal": "trusted internal listener, HOST:PORT or unix:PATH",
+    "workers": "worker processes",
+    "fallback": "upstream HOST:PORT for requests that are not preview hosts",
+    "reserved_ports": "ports that cannot be exposed (repeatable)",
+    "head_timeout": "seconds to read a request head",
+    "idle_timeout": "seconds a kept-alive client connection may idle",
+    "connect_timeout": "seconds to connect upstream",
+    "response_timeout": "seconds to wait for an upstream response head",
+    "retry_window": "seconds to retry refused upstream connects",
+    "grace": "seconds a streaming response lives after its route is revoked",
+    "tunnel_idle_timeout": "seconds a WebSocket tunnel may idle (0: never)",
+    "max_head": "request head limit in bytes",
+    "max_body": "request body limit in bytes (0: none)",
+    "trusted_proxy": "CIDR whose X-Forwarded-* headers are kept (repeatable)",
+    "sync": "SQLite synchronous mode: full or normal",
+    "log_level": "debug, info, warning or error",
+    "access_log": "log one line per request (true/false)",
+    "demo": "serve the built-in demo upstream and route",
+}
+
+
+def _convert(name: str, raw: Any, default: Any) -> Any:
+    if isinstance(default, list):
+        items = raw if isinstance(raw, list) else str(raw).split(",")
+        conv = int if name == "reserved_ports" else str
+        return [conv(str(i).strip()) for i in items if str(i).strip()]
+    if isinstance(default, bool) or name == "demo":
+        if isinstance(raw, bool):
+            return raw
+        return str(raw).lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return None if raw is None else str(raw)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every setting; unset flags stay ``None``."""
+    parser.add_argument("--config", help="TOML file with settings")
+    defaults = Config()
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, list):
+            parser.add_argument(flag, action="append", help=HELP[f.name], dest=f.name)
+        elif f.name in ("demo", "access_log"):
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, help=HELP[f.name]
+            )
+        else:
+            parser.add_argument(flag, help=HELP[f.name], dest=f.name)
+
+
+def load(
+    args: argparse.Namespace | None = None, environ: dict[str, str] | None = None
+) -> Config:
+    """Build the settings from flags, environment and TOML."""
+    env = os.environ if environ is None else environ
+    cfg = Config()
+    defaults = Config()
+    values: dict[str, Any] = {}
+
+    path = getattr(args, "config", None) or env.get("EDGE_ROUTER_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SystemExit(f"edge-router: cannot read config {path}: {exc}") from exc
+        for key, raw in data.items():
+            name = key.replace("-", "_")
+            if not hasattr(cfg, name):
+                raise SystemExit(f"edge-router: unknown key {key!r} in {path}")
+            values[name] = raw
+
+    for f in fields(Config):
+        raw = env.get("EDGE_ROUTER_" + f.name.upper())
+        if raw is not None:
+            values[f.name] = raw
+        if args is not None and getattr(args, f.name, None) is not None:
+            values[f.name] = getattr(args, f.name)
+
+    for name, raw in values.items():
+        try:
+            setattr(cfg, name, _convert(name, raw, getattr(defaults, name)))
+        except ValueError as exc:
+            raise SystemExit(f"edge-router: bad value for {name}: {raw!r}") from exc
+    return cfg

@@ -1,0 +1,662 @@
+"""The route table (SPEC §2): the rules for changing routes, sans IO.
+
+``RouteTable`` holds every route with its full metadata and enforces the
+rules of the ports API: token reuse, idempotence, rotation, ``TOKEN_IN_USE``,
+``LABEL_CONFLICT``, atomic batches.  Each accepted transaction becomes a list
+of *change records*, plain JSON-able dicts; the same records are written to
+the store, carried by the control socket's ``watch`` stream, and applied to
+a ``ForwardingTable``, the compact view that the data path reads.  A worker
+(or another router) that replays the records gets the same table.
+
+Records::
+
+    {"op": "put_sandbox", "sandbox": {"name", "upstream_host", "state"}}
+    {"op": "del_sandbox", "name": ...}
+    {"op": "put_route", "route": {"sandbox", "port", "token", "name",
+                                  "exposedAt", "target", "host", "route_id"}}
+    {"op": "del_route", "sandbox": ..., "port": ..., "label": ...,
+     "route_id": ...}
+
+Rotation is ``del_route`` of the old label then ``put_route`` of the new one,
+so a follower never needs to remember which label a port had.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import re
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from . import grammar
+from .errors import RouteError
+from .speedups import labels as _labels
+
+Record = dict[str, Any]
+
+HOST_POLICIES = ("rewrite", "preserve")
+SANDBOX_STATES = ("running", "stopped")
+DEFAULT_UPSTREAM_HOST = "127.0.0.1"
+FLAG_PRESERVE_HOST = 1
+_DNS_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+@dataclass(slots=True)
+class Route:
+    sandbox: str
+    port: int
+    token: str
+    name: str | None
+    exposed_at: str
+    target: str | None
+    host: str
+    route_id: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.port}-{self.sandbox}-{self.token}"
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "sandbox": self.sandbox,
+            "port": self.port,
+            "token": self.token,
+            "name": self.name,
+            "exposedAt": self.exposed_at,
+            "target": self.target,
+            "host": self.host,
+            "route_id": self.route_id,
+        }
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Route:
+        return cls(
+            rec["sandbox"],
+            rec["port"],
+            rec["token"],
+            rec["name"],
+            rec["exposedAt"],
+            rec["target"],
+            rec["host"],
+            rec["route_id"],
+        )
+
+
+@dataclass(slots=True)
+class Sandbox:
+    name: str
+    upstream_host: str = DEFAULT_UPSTREAM_HOST
+    state: str = "running"
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "upstream_host": self.upstream_host,
+            "state": self.state,
+        }
+
+
+@dataclass(slots=True)
+class Transaction:
+    """Changes applied in memory, not yet acknowledged.
+
+    The IO layer writes ``changes`` to the store, then calls
+    ``RouteTable.finish``; if the store refuses, ``RouteTable.rollback``
+    puts the table back as it was.
+    """
+
+    version: int
+    changes: list[Record]
+    results: list[Any]
+    undo: list[Record] = field(default_factory=list)
+
+    def message(self) -> dict[str, Any]:
+        """The watch message that announces this transaction."""
+        return {"version": self.version, "changes": self.changes}
+
+
+def now_iso() -> str:
+    """The ``exposedAt`` format of the SDK: ISO 8601, UTC, milliseconds."""
+    stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+def parse_target(target: str) -> tuple[str, int] | str:
+    """``host:port`` → (host, port); ``unix:/path`` → "/path"."""
+    if target.startswith("unix:"):
+        path = target[5:]
+        if not path.startswith("/") or "\0" in path:
+            raise RouteError(
+                "INVALID_TARGET", f"Target {target!r} needs an absolute socket path"
+            )
+        return path
+    host, sep, port = target.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if (
+        not sep
+        or not host
+        or not port.isdigit()
+        or not 1 <= int(port) <= 65535
+        or any(c in host for c in " /\\\0")
+    ):
+        raise RouteError(
+            "INVALID_TARGET",
+            f"Target {target!r} must be 'host:port' or 'unix:/path'",
+        )
+    return host, int(port)
+
+
+def check_upstream_host(host: object) -> str:
+    """An IP address (IPv6 with or without brackets) or a DNS name."""
+    if isinstance(host, str):
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            return str(ipaddress.ip_address(bare))
+        except ValueError:
+            if _DNS_NAME.fullmatch(bare):
+                return bare.lower()
+    raise RouteError(
+        "INVALID_UPSTREAM_HOST",
+        f"Upstream host {host!r} must be an IP address or a host name",
+    )
+
+
+class RouteTable:
+    """Every route and sandbox, with the rules for changing them."""
+
+    def __init__(
+        self,
+        domains: Iterable[str] = ("localhost",),
+        default_hostname: str | None = None,
+        reserved_ports: frozenset[int] = grammar.DEFAULT_RESERVED_PORTS,
+        log_size: int = 10_000,
+    ) -> None:
+        self.domains = tuple(grammar.normalize_domain(d) for d in domains)
+        if not self.domains:
+            raise ValueError("at least one base domain is needed")
+        self.default_hostname = default_hostname or self.domains[0]
+        self.reserved_ports = reserved_ports
+        self.version = 0
+        self.routes: dict[tuple[str, int], Route] = {}
+        self.by_label: dict[str, Route] = {}
+        # Per-sandbox view of ``routes``: token checks and listings touch
+        # one sandbox's ports, never the whole table.
+        self.by_sandbox: dict[str, dict[int, Route]] = {}
+        self.sandboxes: dict[str, Sandbox] = {}
+        self.next_route_id = 1
+        self.log: deque[dict[str, Any]] = deque(maxlen=log_size)
+        self.forwarding = ForwardingTable(self.domains)
+        self.listeners: list[Callable[[Transaction], None]] = []
+
+    # -- loading ---------------------------------------------------------
+
+    def load(
+        self,
+        version: int,
+        sandboxes: Iterable[Sandbox],
+        routes: Iterable[Route],
+    ) -> None:
+        """Fill an empty table from the store (no change records)."""
+        for sb in sandboxes:
+            self.sandboxes[sb.name] = sb
+            self.forwarding.put_sandbox(sb)
+        top = 0
+        for route in routes:
+            self.routes[(route.sandbox, route.port)] = route
+            self.by_label[route.label] = route
+            self.by_sandbox.setdefault(route.sandbox, {})[route.port] = route
+            self.forwarding.put_route(route)
+            top = max(top, route.route_id)
+        self.next_route_id = top + 1
+        self.version = version
+
+    # -- transactions ----------------------------------------------------
+
+    def prepare(
+        self, ops: list[dict[str, Any]], atomic_index: bool = True
+    ) -> Transaction:
+        """Apply ``ops`` in memory, all or none; raise ``RouteError``.
+
+        ``ops`` are ``{"op": name, **arguments}`` with arguments already of
+        the right types (``router.control`` checks them).  On refusal the
+        table is exactly as before and the error names the op's index when
+        ``atomic_index`` (a batch) is set.
+        """
+        txn = Transaction(self.version + 1, [], [])
+        for i, op in enumerate(ops):
+            try:
+                txn.results.append(self._run(op, txn))
+            except RouteError as exc:
+                self.rollback(txn)
+                if atomic_index:
+                    exc.index = i
+                raise
+        if not txn.changes:
+            txn.version = self.version
+        return txn
+
+    def rollback(self, txn: Transaction) -> None:
+        for rec in reversed(txn.undo):
+            self._apply(rec)
+        txn.undo.clear()
+        txn.changes.clear()
+
+    def finish(self, txn: Transaction) -> None:
+        """The store has the transaction: make it the table's version."""
+        if not txn.changes:
+            return
+        self.version = txn.version
+        msg = txn.message()
+        self.log.append(msg)
+        for listener in self.listeners:
+            listener(txn)
+
+    def run(self, ops: list[dict[str, Any]], atomic_index: bool = False) -> Transaction:
+        """``prepare`` and ``finish`` for callers with no store (tests)."""
+        txn = self.prepare(ops, atomic_index)
+        self.finish(txn)
+        return txn
+
+    def changes_since(self, since: int) -> list[dict[str, Any]] | None:
+        """Watch messages after ``since``, or None when the log lost some."""
+        if since == self.version:
+            return []
+        if since > self.version or not self.log:
+            return None
+        first = self.log[0]["version"]
+        if since < first - 1:
+            return None
+        return [m for m in self.log if m["version"] > since]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "routes": [r.to_record() for _, r in sorted(self.routes.items())],
+            "sandboxes": [s.to_record() for _, s in sorted(self.sandboxes.items())],
+        }
+
+    # -- the operations --------------------------------------------------
+
+    def _run(self, op: dict[str, Any], txn: Transaction) -> Any:
+        name = op["op"]
+        args = {k: v for k, v in op.items() if k != "op"}
+        if name == "expose_port":
+            return self._expose_port(txn, **args)
+        if name == "unexpose_port":
+            return self._unexpose_port(txn, **args)
+        if name == "set_sandbox":
+            return self._set_sandbox(txn, **args)
+        if name == "destroy_sandbox":
+            return self._destroy_sandbox(txn, **args)
+        raise RouteError("UNKNOWN_OP", f"Operation {name!r} cannot change routes")
+
+    def _expose_port(
+        self,
+        txn: Transaction,
+        sandbox: str,
+        port: object,
+        hostname: str | None = None,
+        name: str | None = None,
+        token: str | None = None,
+        target: str | None = None,
+        host: str | None = None,
+    ) -> dict[str, Any]:
+        # 1. Every part is checked before anything changes.
+        sandbox = grammar.check_sandbox(sandbox)
+        port = grammar.check_port(port, self.reserved_ports)
+        url_host = self._hostname(hostname)
+        if token is not None:
+            token = grammar.check_token(token)
+        if target is not None:
+            parse_target(target)
+        if host is not None and host not in HOST_POLICIES:
+            raise RouteError(
+                "INVALID_HOST_POLICY",
+                f"Host policy must be 'rewrite' or 'preserve', not {host!r}",
+            )
+        current = self.routes.get((sandbox, port))
+
+        # 2. Token: the given one, else the port's current one, else new.
+        if token is None:
+            token = current.token if current else self._fresh_token(sandbox, port)
+        label = grammar.make_label(port, sandbox, token)
+        clash = self._token_owner(sandbox, token)
+        if clash is not None and clash != port:
+            raise RouteError(
+                "TOKEN_IN_USE", f"Token '{token}' is already in use by port {clash}"
+            )
+        holder = self.by_label.get(label)
+        if holder is not None and (holder.sandbox, holder.port) != (sandbox, port):
+            raise RouteError(
+                "LABEL_CONFLICT",
+                f"Label '{label}' is already the label of sandbox "
+                f"'{holder.sandbox}' port {holder.port}; choose another token",
+            )
+
+        # 3. Same token: idempotent, or an update of name/target/host.
+        if current is not None and current.token == token:
+            changed = Route(
+                sandbox,
+                port,
+                token,
+                current.name if name is None else name,
+                current.exposed_at,
+                current.target if target is None else target,
+                current.host if host is None else host,
+                current.route_id,
+            )
+            if changed != current:
+                self._change(txn, {"op": "put_route", "route": changed.to_record()})
+            return self._exposed(changed, url_host)
+
+        # 4. New route, or rotation (the old label dies in the same step).
+        if sandbox not in self.sandboxes:
+            self._change(
+                txn, {"op": "put_sandbox", "sandbox": Sandbox(sandbox).to_record()}
+            )
+        if current is not None:
+            self._change(txn, self._del_record(current))
+        route = Route(
+            sandbox,
+            port,
+            token,
+            name,
+            now_iso(),
+            target,
+            host or "rewrite",
+            self.next_route_id,
+        )
+        self._change(txn, {"op": "put_route", "route": route.to_record()})
+        return self._exposed(route, url_host)
+
+    def _unexpose_port(
+        self, txn: Transaction, sandbox: str, port: object
+    ) -> dict[str, Any]:
+        sandbox = grammar.check_sandbox(sandbox)
+        port = grammar.check_port(port, frozenset())
+        current = self.routes.get((sandbox, port))
+        if current is not None:
+            self._change(txn, self._del_record(current))
+        return {"port": port, "unexposed": current is not None}
+
+    def _set_sandbox(
+        self,
+        txn: Transaction,
+        sandbox: str,
+        upstream_host: str | None = None,
+        state: str | None = None,
+    ) -> dict[str, Any]:
+        sandbox = grammar.check_sandbox(sandbox)
+        if upstream_host is not None:
+            upstream_host = check_upstream_host(upstream_host)
+        if state is not None and state not in SANDBOX_STATES:
+            raise RouteError(
+                "INVALID_STATE", f"State must be 'running' or 'stopped', not {state!r}"
+            )
+        current = self.sandboxes.get(sandbox) or Sandbox(sandbox)
+        updated = Sandbox(
+            sandbox,
+            current.upstream_host if upstream_host is None else upstream_host,
+            current.state if state is None else state,
+        )
+        if sandbox not in self.sandboxes or updated != current:
+            self._change(txn, {"op": "put_sandbox", "sandbox": updated.to_record()})
+        return updated.to_record()
+
+    def _destroy_sandbox(self, txn: Transaction, sandbox: str) -> dict[str, Any]:
+        sandbox = grammar.check_sandbox(sandbox)
+        doomed = self.sandbox_routes(sandbox)
+        for route in doomed:
+            self._change(txn, self._del_record(route))
+        existed = sandbox in self.sandboxes
+        if existed:
+            self._change(txn, {"op": "del_sandbox", "name": sandbox})
+        return {"sandbox": sandbox, "destroyed": existed, "routes": len(doomed)}
+
+    # -- queries (no transaction) ----------------------------------------
+
+    def get_exposed_ports(
+        self, sandbox: str, hostname: str | None = None
+    ) -> list[dict[str, Any]]:
+        sandbox = grammar.check_sandbox(sandbox)
+        url_host = self._hostname(hostname)
+        sb = self.sandboxes.get(sandbox)
+        status = "stale" if sb is not None and sb.state == "stopped" else "active"
+        out = []
+        for route in self.sandbox_routes(sandbox):
+            item = self._exposed(route, url_host)
+            del item["token"]
+            item["status"] = status
+            out.append(item)
+        return out
+
+    def validate_port_token(self, sandbox: str, port: object, token: str) -> bool:
+        """True when ``token`` opens ``port``; compared in constant time."""
+        try:
+            sandbox = grammar.check_sandbox(sandbox)
+            port = grammar.check_port(port, frozenset())
+        except RouteError:
+            return False
+        route = self.routes.get((sandbox, port))
+        expected = route.token if route is not None else "\0" * grammar.MAX_TOKEN
+        given = token if isinstance(token, str) else ""
+        match = hmac.compare_digest(expected.encode(), given.encode())
+        return match and route is not None
+
+    def sandbox_routes(self, sandbox: str) -> list[Route]:
+        """The sandbox's routes, sorted by port."""
+        ports = self.by_sandbox.get(sandbox, {})
+        return [ports[p] for p in sorted(ports)]
+
+    # -- helpers ---------------------------------------------------------
+
+    def _hostname(self, hostname: str | None) -> str:
+        if hostname is None:
+            return self.default_hostname
+        return grammar.check_hostname(hostname, self.domains)
+
+    def _exposed(self, route: Route, url_host: str) -> dict[str, Any]:
+        return {
+            "port": route.port,
+            "url": grammar.build_url(route.label, url_host),
+            "name": route.name,
+            "token": route.token,
+            "exposedAt": route.exposed_at,
+        }
+
+    def _token_owner(self, sandbox: str, token: str) -> int | None:
+        for port, route in self.by_sandbox.get(sandbox, {}).items():
+            if route.token == token:
+                return port
+        return None
+
+    def _fresh_token(self, sandbox: str, port: int) -> str:
+        while True:
+            token = grammar.generate_token()
+            label = grammar.make_label(port, sandbox, token)
+            if label not in self.by_label and self._token_owner(sandbox, token) is None:
+                return token
+
+    def _del_record(self, route: Route) -> Record:
+        return {
+            "op": "del_route",
+            "sandbox": route.sandbox,
+            "port": route.port,
+            "label": route.label,
+            "route_id": route.route_id,
+        }
+
+    def _change(self, txn: Transaction, rec: Record) -> None:
+        txn.undo.append(self._inverse(rec))
+        txn.changes.append(rec)
+        self._apply(rec)
+
+    def _inverse(self, rec: Record) -> Record:
+        op = rec["op"]
+        if op == "put_route":
+            r = rec["route"]
+            old = self.routes.get((r["sandbox"], r["port"]))
+            if old is None:
+                route = Route.from_record(r)
+                return self._del_record(route)
+            return {"op": "put_route", "route": old.to_record()}
+        if op == "del_route":
+            old = self.routes[(rec["sandbox"], rec["port"])]
+            return {"op": "put_route", "route": old.to_record()}
+        if op == "put_sandbox":
+            name = rec["sandbox"]["name"]
+            prev = self.sandboxes.get(name)
+            if prev is None:
+                return {"op": "del_sandbox", "name": name}
+            return {"op": "put_sandbox", "sandbox": prev.to_record()}
+        prev = self.sandboxes[rec["name"]]
+        return {"op": "put_sandbox", "sandbox": prev.to_record()}
+
+    def _apply(self, rec: Record) -> None:
+        """The one place the table's contents change."""
+        op = rec["op"]
+        if op == "put_route":
+            route = Route.from_record(rec["route"])
+            old = self.routes.get((route.sandbox, route.port))
+            if old is not None:
+                self.by_label.pop(old.label, None)
+            self.routes[(route.sandbox, route.port)] = route
+            self.by_label[route.label] = route
+            self.by_sandbox.setdefault(route.sandbox, {})[route.port] = route
+            self.next_route_id = max(self.next_route_id, route.route_id + 1)
+        elif op == "del_route":
+            old = self.routes.pop((rec["sandbox"], rec["port"]))
+            self.by_label.pop(old.label, None)
+            ports = self.by_sandbox[old.sandbox]
+            del ports[old.port]
+            if not ports:
+                del self.by_sandbox[old.sandbox]
+        elif op == "put_sandbox":
+            sb = rec["sandbox"]
+            self.sandboxes[sb["name"]] = Sandbox(
+                sb["name"], sb["upstream_host"], sb["state"]
+            )
+        else:
+            del self.sandboxes[rec["name"]]
+        self.forwarding.apply(rec)
+
+
+@dataclass(slots=True)
+class SandboxView:
+    name: str
+    upstream_host: str
+    stopped: bool
+
+
+class ForwardingTable:
+    """What the data path reads: label → upstream, as compact as it gets.
+
+    Built only from change records (or a snapshot), so a worker process that
+    follows the watch stream holds the same table as the router that made
+    the changes.  ``resolve`` is the per-request call.
+    """
+
+    def __init__(self, domains: tuple[str, ...]) -> None:
+        self.domains = tuple(d.encode() for d in domains)
+        self.index = _labels.LabelIndex()
+        self.sandboxes: list[SandboxView | None] = [None]
+        self.sandbox_slots: dict[str, int] = {}
+        self._free_sandbox_slots: list[int] = []
+        # Slot 0 means "the sandbox's upstream host, same port".
+        self.targets: list[tuple[str, int] | str | None] = [None]
+        self.target_slots: dict[str, int] = {}
+        self.target_refs: list[int] = [0]
+
+    def apply(self, rec: Record) -> None:
+        op = rec["op"]
+        if op == "put_route":
+            self.put_route(Route.from_record(rec["route"]))
+        elif op == "del_route":
+            self.del_route(rec["label"])
+        elif op == "put_sandbox":
+            sb = rec["sandbox"]
+            self.put_sandbox(Sandbox(sb["name"], sb["upstream_host"], sb["state"]))
+        else:
+            self.del_sandbox(rec["name"])
+
+    def put_sandbox(self, sb: Sandbox) -> None:
+        view = SandboxView(sb.name, sb.upstream_host, sb.state == "stopped")
+        slot = self.sandbox_slots.get(sb.name)
+        if slot is None:
+            if self._free_sandbox_slots:
+                slot = self._free_sandbox_slots.pop()
+                self.sandboxes[slot] = view
+            else:
+                slot = len(self.sandboxes)
+                self.sandboxes.append(view)
+            self.sandbox_slots[sb.name] = slot
+        else:
+            self.sandboxes[slot] = view
+
+    def del_sandbox(self, name: str) -> None:
+        slot = self.sandbox_slots.pop(name)
+        self.sandboxes[slot] = None
+        self._free_sandbox_slots.append(slot)
+
+    def put_route(self, route: Route) -> None:
+        label = route.label.encode()
+        old = self.index.lookup(label)
+        if old is not None:
+            self._release_target(old[3])
+        tslot = self._target_slot(route.target) if route.target else 0
+        flags = FLAG_PRESERVE_HOST if route.host == "preserve" else 0
+        self.index.set(
+            label,
+            route.route_id,
+            self.sandbox_slots[route.sandbox],
+            route.port,
+            tslot,
+            flags,
+        )
+
+    def del_route(self, label: str) -> None:
+        key = label.encode()
+        old = self.index.lookup(key)
+        if old is not None:
+            self._release_target(old[3])
+            self.index.remove(key)
+
+    def _target_slot(self, target: str) -> int:
+        slot = self.target_slots.get(target)
+        if slot is None:
+            slot = len(self.targets)
+            for i in range(1, len(self.targets)):
+                if self.targets[i] is None:
+                    slot = i
+                    break
+            parsed = parse_target(target)
+            if slot == len(self.targets):
+                self.targets.append(parsed)
+                self.target_refs.append(0)
+            else:
+                self.targets[slot] = parsed
+            self.target_slots[target] = slot
+        self.target_refs[slot] += 1
+        return slot
+
+    def _release_target(self, slot: int) -> None:
+        if slot == 0:
+            return
+        self.target_refs[slot] -= 1
+        if self.target_refs[slot] == 0:
+            self.targets[slot] = None
+            self.target_slots = {
+                t: s for t, s in self.target_slots.items() if s != slot
+            }
+
+    def load_snapshot(self, snap: dict[str, Any]) -> None:
+        self.__init__(tuple(d.decode() for d in self.domains))  # type: ignore[misc]
+        for sb in snap["sandboxes"]:
+            self.put_sandbox(Sandbox(sb["name"], sb["upstream_host"], sb["state"]))
+        for r in snap["routes"]:
+            self.put_route(Route.from_record(r))

@@ -1,0 +1,162 @@
+"""The durable route store: SQLite in WAL mode.
+
+A transaction is committed here before the control socket acknowledges it,
+so an acknowledged change survives ``kill -9`` of the router (and, with the
+default ``synchronous=FULL``, a power cut).  The store keeps the current
+table, not its history: the watch log lives in memory.
+
+Opening refuses a file that is not a route store or cannot be read, naming
+the file: starting on a silently empty table would revoke every URL.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import StoreError
+from .routes import Route, Sandbox, Transaction
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sandboxes (
+    name TEXT PRIMARY KEY,
+    upstream_host TEXT NOT NULL,
+    state TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS routes (
+    sandbox TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    token TEXT NOT NULL,
+    name TEXT,
+    exposed_at TEXT NOT NULL,
+    target TEXT,
+    host TEXT NOT NULL,
+    route_id INTEGER NOT NULL,
+    PRIMARY KEY (sandbox, port)
+);
+"""
+
+
+class Store:
+    """One SQLite file holding the route table."""
+
+    def __init__(self, path: str, synchronous: str = "FULL") -> None:
+        self.path = path
+        self._db = self._open(path, synchronous)
+
+    def _open(self, path: str, synchronous: str) -> sqlite3.Connection:
+        if synchronous.upper() not in ("FULL", "NORMAL"):
+            raise ValueError("synchronous must be FULL or NORMAL")
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise StoreError(
+                f"Route store {path}: directory {directory} does not exist"
+            )
+        try:
+            # The control layer serialises writers and hands commits to a
+            # thread, so the connection is shared across threads on purpose.
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            db.executescript(_SCHEMA)
+            row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO meta VALUES ('schema', ?), ('version', 0)",
+                    (SCHEMA_VERSION,),
+                )
+            elif row[0] != SCHEMA_VERSION:
+                raise StoreError(
+                    f"Route store {path} has schema {row[0]}; "
+                    f"this router reads schema {SCHEMA_VERSION}"
+                )
+            db.execute("PRAGMA quick_check(1)").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"Route store {path} cannot be read: {exc}") from exc
+        return db
+
+    def load(self) -> tuple[int, list[Sandbox], Iterator[Route]]:
+        """The stored version, sandboxes, and an iterator over the routes."""
+        try:
+            version = self._db.execute(
+                "SELECT value FROM meta WHERE key='version'"
+            ).fetchone()[0]
+            sandboxes = [
+                Sandbox(*row)
+                for row in self._db.execute(
+                    "SELECT name, upstream_host, state FROM sandboxes"
+                )
+            ]
+            cursor = self._db.execute(
+                "SELECT sandbox, port, token, name, exposed_at, target, host,"
+                " route_id FROM routes"
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"Route store {self.path} cannot be read: {exc}") from exc
+        return version, sandboxes, (Route(*row) for row in cursor)
+
+    def commit(self, txn: Transaction) -> None:
+        """Write a transaction's records atomically; raise ``StoreError``."""
+        self.commit_many([txn])
+
+    def commit_many(self, txns: list[Transaction]) -> None:
+        """Write several transactions in one SQLite transaction (group commit)."""
+        if not any(t.changes for t in txns):
+            return
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for txn in txns:
+                    for rec in txn.changes:
+                        _write(db, rec)
+                db.execute(
+                    "UPDATE meta SET value=? WHERE key='version'",
+                    (max(t.version for t in txns),),
+                )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"Route store {self.path}: write failed: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _write(db: sqlite3.Connection, rec: dict[str, Any]) -> None:
+    op = rec["op"]
+    if op == "put_route":
+        r = rec["route"]
+        db.execute(
+            "INSERT OR REPLACE INTO routes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                r["sandbox"],
+                r["port"],
+                r["token"],
+                r["name"],
+                r["exposedAt"],
+                r["target"],
+                r["host"],
+                r["route_id"],
+            ),
+        )
+    elif op == "del_route":
+        db.execute(
+            "DELETE FROM routes WHERE sandbox=? AND port=?",
+            (rec["sandbox"], rec["port"]),
+        )
+    elif op == "put_sandbox":
+        sb = rec["sandbox"]
+        db.execute(
+            "INSERT OR REPLACE INTO sandboxes VALUES (?, ?, ?)",
+            (sb["name"], sb["upstream_host"], sb["state"]),
+        )
+    else:
+        db.execute("DELETE FROM sandboxes WHERE name=?", (rec["name"],))
