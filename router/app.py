@@ -37,6 +37,9 @@ class Router:
         self.store: Store | None = None
         self._lock = asyncio.Lock()
         self.watchers: set[Callable[[dict[str, Any]], None]] = set()
+        # Each hook returns counters that ``stats`` on the control socket
+        # merges into its answer (the proxy adds its own here).
+        self.stats_hooks: list[Callable[[], dict[str, Any]]] = []
         self.table.listeners.append(self._announce)
 
     def open_store(self) -> None:

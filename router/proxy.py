@@ -1,0 +1,950 @@
+"""The HTTP/1.1 data path: client connections, upstream pools, revocation.
+
+One ``ClientConnection`` per accepted socket, one ``UpstreamConnection`` per
+socket to a sandbox port.  Both are bare asyncio protocols (no streams, no
+task per request): on a pooled keep-alive upstream a request is parsed,
+routed and written upstream inside one ``data_received`` call, which is what
+lets a Python proxy stand next to nginx.  Tasks are made only to connect.
+
+Per request (SPEC §1, §3, §4):
+
+1. parse the head (compiled parser, ``speedups.http``);
+2. Host → label → route: one hash lookup, authorisation on every request;
+3. take an idle upstream connection of that sandbox and target, or connect;
+4. write the rewritten head, then relay the body both ways with
+   backpressure, the framing decided by the parser;
+5. when both directions are done, the upstream goes back to its pool and
+   the next pipelined request (if any) is parsed.
+
+Timers are not per request: a sweeper wakes once a second and checks each
+connection's one deadline (head, idle, response, grace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import answers
+from .config import Config
+from .routes import FLAG_PRESERVE_HOST, ForwardingTable, parse_target
+from .speedups import http, labels
+
+log = logging.getLogger("edge_router")
+access_log = logging.getLogger("edge_router.access")
+
+Address = tuple[str, int] | str
+
+# Client connection states.
+HEAD = 0  # waiting for (the rest of) a request head
+ACTIVE = 1  # a request is being relayed
+TUNNEL = 2  # upgraded: bytes flow both ways untouched
+CLOSED = 3
+
+# Deadline kinds, checked by the sweeper.
+DL_NONE = 0
+DL_IDLE = 1
+DL_HEAD = 2
+DL_RESPONSE = 3
+DL_GRACE = 4
+DL_TUNNEL_IDLE = 5
+
+HIGH_WATER = 256 * 1024
+MAX_IDLE_PER_POOL = 64
+UPSTREAM_IDLE_SECONDS = 30.0
+
+
+class Stats:
+    __slots__ = ("connections", "errors", "requests", "revoked", "upstream_connects")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.requests = 0
+        self.errors = 0
+        self.revoked = 0
+        self.upstream_connects = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Proxy:
+    """Everything the connections of one listener share."""
+
+    def __init__(
+        self,
+        config: Config,
+        table: ForwardingTable,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.config = config
+        self.table = table
+        self.loop = loop
+        self.domains = table.domains
+        self.max_head = config.max_head
+        self.max_body = config.max_body
+        self.access_log = config.access_log and access_log.isEnabledFor(logging.INFO)
+        self.trusted = config.trusted_networks()
+        self.fallback: Address | None = (
+            parse_target(config.fallback) if config.fallback else None
+        )
+        self.pools: dict[tuple[str, Address], list[UpstreamConnection]] = {}
+        self.clients: set[ClientConnection] = set()
+        # route_id → connections relaying a request of that route right now.
+        self.by_route: dict[int, set[ClientConnection]] = {}
+        self.draining = False
+        self.stats = Stats()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    # -- lifecycle -------------------------------------------------------
+
+    def start(self) -> None:
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for pool in self.pools.values():
+            for up in pool:
+                up.close()
+        self.pools.clear()
+
+    def protocol(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for conn in list(self.clients):
+            if conn.deadline and now >= conn.deadline:
+                conn.deadline_passed()
+        for key, pool in list(self.pools.items()):
+            keep = [up for up in pool if now - up.idle_since < UPSTREAM_IDLE_SECONDS]
+            for up in pool:
+                if up not in keep:
+                    up.close()
+            if keep:
+                self.pools[key] = keep
+            else:
+                del self.pools[key]
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    # -- revocation (SPEC §2) -------------------------------------------
+
+    def revoke_routes(self, route_ids: set[int], sandboxes: set[str]) -> None:
+        """A route died or its sandbox stopped: end what it is relaying.
+
+        Requests not yet started re-check the table anyway; this handles
+        the ones in flight.  Other routes' connections are not touched.
+        """
+        doomed: set[ClientConnection] = set()
+        for rid in route_ids:
+            doomed |= self.by_route.get(rid, set())
+        if sandboxes:
+            for conn in self.clients:
+                if conn.sandbox in sandboxes and conn.route_id:
+                    doomed.add(conn)
+        for conn in doomed:
+            self.stats.revoked += 1
+            conn.revoke()
+
+    def on_change(self, message: dict[str, Any]) -> None:
+        """Watch message from the route table (applied already)."""
+        route_ids: set[int] = set()
+        sandboxes: set[str] = set()
+        for rec in message["changes"]:
+            if rec["op"] == "del_route":
+                route_ids.add(rec["route_id"])
+            elif rec["op"] == "put_sandbox" and rec["sandbox"]["state"] == "stopped":
+                sandboxes.add(rec["sandbox"]["name"])
+        if route_ids or sandboxes:
+            self.revoke_routes(route_ids, sandboxes)
+
+    # -- upstream pool ---------------------------------------------------
+
+    def take(self, key: tuple[str, Address]) -> UpstreamConnection | None:
+        pool = self.pools.get(key)
+        while pool:
+            up = pool.pop()
+            if up.transport is not None and not up.transport.is_closing():
+                return up
+        return None
+
+    def give_back(self, up: UpstreamConnection) -> None:
+        pool = self.pools.setdefault(up.key, [])
+        if len(pool) >= MAX_IDLE_PER_POOL or self.draining:
+            up.close()
+            return
+        up.idle_since = self.loop.time()
+        pool.append(up)
+
+    def forget(self, up: UpstreamConnection) -> None:
+        pool = self.pools.get(up.key)
+        if pool and up in pool:
+            pool.remove(up)
+
+    async def connect(self, key: tuple[str, Address]) -> UpstreamConnection:
+        """Connect to a sandbox port, retrying refusals for a short window.
+
+        A port that is just starting refuses for a moment; the SDK's users
+        expect the first request after ``exposePort`` to work, so refused
+        connects are retried with backoff before answering 502.
+        """
+        address = key[1]
+        deadline = self.loop.time() + self.config.retry_window
+        delay = 0.02
+        while True:
+            try:
+                up = UpstreamConnection(self, key)
+                if isinstance(address, str):
+                    coro = self.loop.create_unix_connection(lambda u=up: u, address)
+                else:
+                    coro = self.loop.create_connection(
+                        lambda u=up: u, address[0], address[1]
+                    )
+                await asyncio.wait_for(coro, self.config.connect_timeout)
+                self.stats.upstream_connects += 1
+                return up
+            except (ConnectionRefusedError, FileNotFoundError):
+                if self.loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.25)
+            except OSError as exc:
+                if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                    if self.loop.time() + delay > deadline:
+                        raise ConnectionRefusedError(str(exc)) from exc
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.25)
+                    continue
+                raise
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client socket: requests in, responses out, in order."""
+
+    __slots__ = (
+        "buf",
+        "deadline",
+        "deadline_kind",
+        "forwarded",
+        "head",
+        "keep_alive",
+        "label",
+        "paused",
+        "peer",
+        "pending_body",
+        "proxy",
+        "req_done",
+        "req_framer",
+        "req_framing",
+        "req_remaining",
+        "route_id",
+        "sandbox",
+        "sent",
+        "started",
+        "state",
+        "status",
+        "transport",
+        "upstream",
+    )
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.forwarded = b""
+        self.buf = b""
+        self.state = HEAD
+        self.deadline = 0.0
+        self.deadline_kind = DL_NONE
+        self.head: Any = None
+        self.upstream: UpstreamConnection | None = None
+        self.route_id = 0
+        self.sandbox = ""
+        self.req_framing = 0
+        self.req_remaining = 0
+        self.req_framer: Any = None
+        self.req_done = True
+        self.pending_body: list[bytes] = []
+        self.paused = False
+        self.keep_alive = True
+        self.started = 0.0
+        self.status = 0
+        self.sent = 0
+        self.label = b""
+
+    # -- asyncio callbacks -----------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses.
+        self.transport = transport  # type: ignore[assignment]
+        proxy = self.proxy
+        proxy.clients.add(self)
+        proxy.stats.connections += 1
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # A Unix socket (internal listener) has no Nagle to turn off.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peername = transport.get_extra_info("peername")
+        sockname = transport.get_extra_info("sockname")
+        self.peer = peername[0] if isinstance(peername, tuple) else "unix"
+        port = sockname[1] if isinstance(sockname, tuple) else 0
+        # X-Forwarded-Proto and -Port depend only on the listener; -For on
+        # the peer.  Built once per connection, not per request.
+        self.forwarded = b"X-Forwarded-Proto: http\r\nX-Forwarded-Port: %d\r\n" % port
+        self._arm(DL_IDLE, proxy.config.idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state == TUNNEL:
+            up = self.upstream
+            if up is not None and up.transport is not None:
+                up.transport.write(data)
+            return
+        if state == ACTIVE and not self.req_done:
+            self._request_body(data)
+            return
+        if self.buf:
+            self.buf += data
+        else:
+            self.buf = data
+        if state == HEAD:
+            self._next_request()
+        elif len(self.buf) > self.proxy.max_head and self.transport is not None:
+            # Pipelined requests waiting behind a slow response: stop reading
+            # rather than buffer without bound.
+            self._pause_client()
+
+    def eof_received(self) -> bool:
+        # A half-closed client may still want its response (HTTP/1.0 style
+        # clients shut down writing after the request).
+        return self.state == ACTIVE
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = CLOSED
+        self.proxy.clients.discard(self)
+        self._unregister()
+        up = self.upstream
+        self.upstream = None
+        if up is not None:
+            # The client went away mid-request: the upstream connection is
+            # in an unknown state, so it is closed, not pooled (SPEC §4).
+            up.client = None
+            up.close()
+
+    def pause_writing(self) -> None:
+        up = self.upstream
+        if up is not None and up.transport is not None:
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        up = self.upstream
+        if up is not None and up.transport is not None:
+            up.transport.resume_reading()
+
+    # -- requests --------------------------------------------------------
+
+    def _next_request(self) -> None:
+        proxy = self.proxy
+        try:
+            head = http.parse_request(self.buf, proxy.max_head)
+        except http.ParseError as exc:
+            self._fail(exc.code, exc.message)
+            return
+        if head is None:
+            if self.deadline_kind != DL_HEAD:
+                self._arm(DL_HEAD, proxy.config.head_timeout)
+            return
+        self.buf = self.buf[head.head_len :]
+        self.head = head
+        self.state = ACTIVE
+        self.deadline_kind = DL_NONE
+        self.deadline = 0.0
+        self.started = time.monotonic() if proxy.access_log else 0.0
+        proxy.stats.requests += 1
+        if proxy.draining:
+            self.keep_alive = False
+            self._reply("SHUTTING_DOWN", close=True)
+            return
+
+        # 1. Route: Host → label → one lookup.
+        try:
+            label = labels.host_label(head.host or b"", proxy.domains)
+        except ValueError:
+            self._reply("BAD_REQUEST", "Invalid Host header")
+            return
+        table = proxy.table
+        if label is None:
+            if proxy.fallback is None:
+                self._reply("NOT_FOUND")
+                return
+            self.route_id = 0
+            self.sandbox = ""
+            self._dispatch(("", proxy.fallback), head.host or b"")
+            return
+        value = table.index.lookup(label)
+        if value is None:
+            self._reply("INVALID_TOKEN")
+            return
+        route_id, sandbox_slot, port, target_slot, flags = value
+        sandbox = table.sandboxes[sandbox_slot]
+        assert sandbox is not None
+        if sandbox.stopped:
+            self._reply("STALE_PREVIEW_URL")
+            return
+        self.label = label
+        self.route_id = route_id
+        self.sandbox = sandbox.name
+        target = table.targets[target_slot] if target_slot else None
+        address = target if target is not None else (sandbox.upstream_host, port)
+        proxy.by_route.setdefault(route_id, set()).add(self)
+
+        # 2. Host sent upstream: the public one, or what dev servers accept.
+        host = head.host if flags & FLAG_PRESERVE_HOST else b"localhost:%d" % port
+        self._dispatch((sandbox.name, address), host)
+
+    def _dispatch(self, key: tuple[str, Address], host: bytes) -> None:
+        head = self.head
+        proxy = self.proxy
+
+        # 1. Body framing and limits, decided before anything goes upstream.
+        self.req_framing = head.framing
+        self.keep_alive = head.keep_alive
+        if head.framing == http.BODY_LENGTH:
+            if proxy.max_body and head.content_length > proxy.max_body:
+                self._reply("BODY_TOO_LARGE", close=True)
+                return
+            self.req_remaining = head.content_length
+            self.req_done = head.content_length == 0
+        elif head.framing == http.BODY_CHUNKED:
+            self.req_framer = http.ChunkedFramer()
+            self.req_remaining = 0
+            self.req_done = False
+        else:
+            self.req_done = True
+
+        # 2. The head as the upstream sees it.
+        out = http.render_request(head, host, self._forwarded_for(head))
+        up = proxy.take(key)
+        if up is not None:
+            up.start(self, out, head.method == b"HEAD")
+        else:
+            self.pending_body = [out]
+            proxy.loop.create_task(self._connect(key))
+        self._arm(DL_RESPONSE, proxy.config.response_timeout)
+
+        # 3. Body bytes that came with the head.
+        if not self.req_done and self.buf:
+            rest, self.buf = self.buf, b""
+            self._request_body(rest)
+
+    def _forwarded_for(self, head: Any) -> bytes:
+        peer = self.peer
+        extra = self.forwarded + b"X-Forwarded-Host: " + (head.host or b"") + b"\r\n"
+        if self.proxy.trusted and self._trusted():
+            prior = head.get(b"x-forwarded-for")
+            if prior:
+                return extra + b"X-Forwarded-For: %s, %s\r\n" % (prior, peer.encode())
+        return extra + b"X-Forwarded-For: " + peer.encode() + b"\r\n"
+
+    def _trusted(self) -> bool:
+        try:
+            addr = ipaddress.ip_address(self.peer)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.proxy.trusted)
+
+    async def _connect(self, key: tuple[str, Address]) -> None:
+        try:
+            up = await self.proxy.connect(key)
+        except (ConnectionRefusedError, FileNotFoundError):
+            self._upstream_failed("UPSTREAM_UNAVAILABLE")
+            return
+        except TimeoutError:
+            self._upstream_failed("UPSTREAM_TIMEOUT")
+            return
+        except OSError as exc:
+            log.warning("upstream %s: %s", key[1], exc)
+            self._upstream_failed("UPSTREAM_UNAVAILABLE")
+            return
+        if self.state != ACTIVE or self.transport is None:
+            up.close()
+            return
+        first, *body = self.pending_body
+        self.pending_body = []
+        up.start(self, first, self.head.method == b"HEAD")
+        for chunk in body:
+            up.transport.write(chunk)  # type: ignore[union-attr]
+        if self.paused and up.transport is not None:
+            self._resume_client()
+
+    def _request_body(self, data: bytes) -> None:
+        """Relay request body bytes; keep what belongs to the next request."""
+        framing = self.req_framing
+        if framing == http.BODY_LENGTH:
+            n = self.req_remaining
+            if len(data) > n:
+                data, self.buf = data[:n], data[n:]
+            self.req_remaining = n - len(data)
+            done = self.req_remaining == 0
+        else:
+            try:
+                used = self.req_framer.feed(data)
+            except http.ParseError as exc:
+                self._fail(exc.code, exc.message)
+                return
+            self.req_remaining += used
+            if self.proxy.max_body and self.req_remaining > self.proxy.max_body:
+                self._fail("BODY_TOO_LARGE")
+                return
+            if used < len(data):
+                data, self.buf = data[:used], data[used:]
+            done = self.req_framer.done
+        up = self.upstream
+        if up is not None and up.transport is not None:
+            if data:
+                up.transport.write(data)
+        elif data:
+            # Still connecting: hold the body, and stop reading beyond a
+            # modest amount so that a large upload waits instead of filling
+            # memory.
+            self.pending_body.append(data)
+            if sum(len(c) for c in self.pending_body) > HIGH_WATER:
+                self._pause_client()
+        if done:
+            self.req_done = True
+            self.req_framer = None
+            self._maybe_finish()
+
+    # -- responses -------------------------------------------------------
+
+    def response_started(self, status: int) -> None:
+        self.status = status
+        if self.deadline_kind == DL_RESPONSE:
+            self.deadline_kind = DL_NONE
+            self.deadline = 0.0
+
+    def response_done(self, reusable: bool) -> None:
+        """The upstream finished its response (called by the upstream)."""
+        up = self.upstream
+        if up is not None and not self.req_done:
+            # The upstream answered before the body was complete (e.g. an
+            # early 413).  The rest of the body can no longer be framed on
+            # this connection: close it once the answer is out.
+            self.keep_alive = False
+            reusable = False
+        self.upstream = None
+        if up is not None:
+            up.client = None
+            if reusable:
+                self.proxy.give_back(up)
+            else:
+                up.close()
+        self._request_finished()
+
+    def _maybe_finish(self) -> None:
+        if self.req_done and self.upstream is None and self.state == ACTIVE:
+            self._request_finished()
+
+    def _request_finished(self) -> None:
+        if self.proxy.access_log and self.head is not None:
+            self._log_access()
+        self._unregister()
+        self.head = None
+        if not self.keep_alive or self.transport is None:
+            self._close()
+            return
+        self.state = HEAD
+        self.req_done = True
+        self._arm(DL_IDLE, self.proxy.config.idle_timeout)
+        if self.paused:
+            self._resume_client()
+        if self.buf:
+            self._next_request()
+
+    def _log_access(self) -> None:
+        head = self.head
+        access_log.info(
+            '%s "%s %s HTTP/%s" %d host=%s %.1fms',
+            self.peer,
+            head.method.decode("latin-1"),
+            head.target.decode("latin-1"),
+            "1.1" if head.version == 11 else "1.0",
+            self.status,
+            (head.host or b"-").decode("latin-1"),
+            (time.monotonic() - self.started) * 1000,
+        )
+
+    def _unregister(self) -> None:
+        rid = self.route_id
+        if rid:
+            conns = self.proxy.by_route.get(rid)
+            if conns is not None:
+                conns.discard(self)
+                if not conns:
+                    del self.proxy.by_route[rid]
+            self.route_id = 0
+
+    # -- the router's own answers ---------------------------------------
+
+    def _reply(
+        self, code: str, message: str | None = None, close: bool = False
+    ) -> None:
+        """Answer the current request ourselves, then carry on or close."""
+        head = self.head
+        self.status = answers.status_of(code)
+        is_head = head is not None and head.method == b"HEAD"
+        if head is not None and head.framing != http.BODY_NONE:
+            # We will not read the body it announced: the stream cannot be
+            # resynchronised, so this is the last answer on the connection.
+            close = True
+        if head is not None and not head.keep_alive:
+            close = True
+        if self.transport is not None:
+            if message is None:
+                self.transport.write(answers.cached(code, close, is_head))
+            else:
+                self.transport.write(answers.answer(code, message, close, is_head))
+        self.keep_alive = not close
+        self.req_done = True
+        self.upstream = None
+        self._request_finished()
+
+    def _fail(self, code: str, message: str | None = None) -> None:
+        """A malformed request: answer it and close this connection only."""
+        self.proxy.stats.errors += 1
+        log.info("bad request from %s: %s", self.peer, message or code)
+        up = self.upstream
+        if up is not None:
+            up.client = None
+            up.close()
+            self.upstream = None
+        if self.status == 0 or self.state == HEAD:
+            self.head = self.head if self.state == ACTIVE else None
+            self._reply(code, message, close=True)
+        else:
+            self._close()
+
+    def _upstream_failed(self, code: str) -> None:
+        """No response head came: answer 502/504 if nothing was sent yet."""
+        if self.state != ACTIVE:
+            return
+        self.proxy.stats.errors += 1
+        log.warning("upstream for %s: %s", self.label.decode() or "fallback", code)
+        if self.status == 0:
+            self.upstream = None
+            self._reply(code, close=not self.req_done)
+        else:
+            self._close()
+
+    # -- timers and revocation -------------------------------------------
+
+    def _arm(self, kind: int, seconds: float) -> None:
+        self.deadline_kind = kind
+        self.deadline = self.proxy.loop.time() + seconds if seconds > 0 else 0.0
+
+    def deadline_passed(self) -> None:
+        kind = self.deadline_kind
+        self.deadline = 0.0
+        self.deadline_kind = DL_NONE
+        if kind == DL_RESPONSE and self.status == 0:
+            up = self.upstream
+            if up is not None:
+                up.client = None
+                up.close()
+            self._upstream_failed("UPSTREAM_TIMEOUT")
+        elif kind == DL_HEAD and self.buf:
+            # A request head that never completes: 408-style, but SPEC §3
+            # has no code for it, so the connection is just closed.
+            log.info("request head timeout from %s", self.peer)
+            self._close()
+        else:
+            self._close()
+
+    def revoke(self) -> None:
+        """This connection's route was revoked while it was relaying."""
+        if self.state == TUNNEL:
+            self._close()
+        elif self.state == ACTIVE:
+            self.keep_alive = False
+            if self.status == 0:
+                # Nothing sent yet: the client gets the new answer now.
+                up = self.upstream
+                if up is not None:
+                    up.client = None
+                    up.close()
+                self.upstream = None
+                self._reply("INVALID_TOKEN", close=True)
+            else:
+                self._arm(DL_GRACE, self.proxy.config.grace)
+
+    # -- flow control ----------------------------------------------------
+
+    def _pause_client(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _resume_client(self) -> None:
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def _close(self) -> None:
+        self.state = CLOSED
+        self.deadline = 0.0
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One socket to a sandbox port, reused for sequential requests."""
+
+    __slots__ = (
+        "buf",
+        "client",
+        "dechunk",
+        "framer",
+        "framing",
+        "got_bytes",
+        "head_request",
+        "idle_since",
+        "key",
+        "proxy",
+        "remaining",
+        "reusable",
+        "sent_head",
+        "state",
+        "transport",
+        "uses",
+    )
+
+    def __init__(self, proxy: Proxy, key: tuple[str, Address]) -> None:
+        self.proxy = proxy
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.client: ClientConnection | None = None
+        self.buf = b""
+        self.state = HEAD
+        self.framing = 0
+        self.remaining = 0
+        self.framer: Any = None
+        self.head_request = False
+        self.dechunk = False
+        self.reusable = False
+        self.idle_since = 0.0
+        self.got_bytes = False
+        self.uses = 0
+        self.sent_head = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses.
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def start(self, client: ClientConnection, head: bytes, head_request: bool) -> None:
+        self.client = client
+        client.upstream = self
+        self.state = HEAD
+        self.buf = b""
+        self.head_request = head_request
+        self.got_bytes = False
+        self.uses += 1
+        self.sent_head = head
+        assert self.transport is not None
+        self.transport.write(head)
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None or client.transport is None:
+            # Bytes from an idle pooled connection: not HTTP we can frame.
+            self.close()
+            return
+        self.got_bytes = True
+        if self.state == TUNNEL:
+            client.transport.write(data)
+        elif self.state == ACTIVE:
+            self._body(client, data)
+        else:
+            self.buf = self.buf + data if self.buf else data
+            self._head(client)
+
+    def _head(self, client: ClientConnection) -> None:
+        assert client.transport is not None
+        while True:
+            try:
+                head = http.parse_response(self.buf, 65536, self.head_request)
+            except http.ParseError as exc:
+                log.warning(
+                    "upstream %s sent a bad response: %s", self.key[1], exc.message
+                )
+                self.client = None
+                client.upstream = None
+                self.close()
+                client._upstream_failed("UPSTREAM_BAD_RESPONSE")
+                return
+            if head is None:
+                return
+            self.buf = self.buf[head.head_len :]
+            status = head.status
+            if 100 <= status < 200 and status != 101:
+                # Interim answers (100 Continue, 103 Early Hints) pass
+                # through; the final head follows on the same connection.
+                client.transport.write(http.render_response(head, False))
+                continue
+            break
+
+        client.response_started(status)
+        if status == 101:
+            self._upgrade(client, head)
+            return
+
+        # Framing towards the client: HTTP/1.0 clients cannot take chunked,
+        # so the chunks are decoded and the connection closes at the end.
+        self.framing = head.framing
+        self.reusable = head.keep_alive
+        close = not client.keep_alive
+        self.dechunk = False
+        if head.framing == http.BODY_CLOSE:
+            close = True
+        elif head.framing == http.BODY_CHUNKED:
+            self.framer = http.ChunkedFramer()
+            if client.head is not None and client.head.version == 10:
+                self.dechunk = True
+                close = True
+        if close:
+            client.keep_alive = False
+        out = http.render_response(head, close)
+        if self.dechunk:
+            out = _drop_transfer_encoding(out)
+        client.transport.write(out)
+        client.sent = 0
+
+        if head.framing == http.BODY_NONE or (
+            head.framing == http.BODY_LENGTH and head.content_length == 0
+        ):
+            self._done(client)
+            return
+        self.remaining = head.content_length
+        self.state = ACTIVE
+        if self.buf:
+            rest, self.buf = self.buf, b""
+            self._body(client, rest)
+
+    def _body(self, client: ClientConnection, data: bytes) -> None:
+        transport = client.transport
+        assert transport is not None
+        framing = self.framing
+        if framing == http.BODY_LENGTH:
+            n = self.remaining
+            if len(data) > n:
+                # More than the announced length: never reuse this socket.
+                data = data[:n]
+                self.reusable = False
+            transport.write(data)
+            self.remaining = n - len(data)
+            if self.remaining == 0:
+                self._done(client)
+        elif framing == http.BODY_CHUNKED:
+            try:
+                if self.dechunk:
+                    used, pieces = self.framer.decode(data)
+                    for piece in pieces:
+                        transport.write(piece)
+                else:
+                    used = self.framer.feed(data)
+                    transport.write(data if used == len(data) else data[:used])
+            except http.ParseError as exc:
+                log.warning(
+                    "upstream %s: bad chunked body: %s", self.key[1], exc.message
+                )
+                self._abort(client)
+                return
+            if self.framer.done:
+                if used < len(data):
+                    self.reusable = False
+                self._done(client)
+        else:
+            transport.write(data)
+
+    def _done(self, client: ClientConnection) -> None:
+        self.state = HEAD
+        self.framer = None
+        client.response_done(self.reusable)
+
+    def _upgrade(self, client: ClientConnection, head: Any) -> None:
+        assert client.transport is not None
+        client.transport.write(http.render_response(head, False))
+        client.state = TUNNEL
+        self.state = TUNNEL
+        self.reusable = False
+        client.deadline = 0.0
+        client.deadline_kind = DL_NONE
+        if self.buf:
+            client.transport.write(self.buf)
+            self.buf = b""
+        if client.buf:
+            assert self.transport is not None
+            self.transport.write(client.buf)
+            client.buf = b""
+
+    def _abort(self, client: ClientConnection) -> None:
+        self.client = None
+        client.upstream = None
+        self.close()
+        client._close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        transport, self.transport = self.transport, None
+        del transport
+        self.proxy.forget(self)
+        client = self.client
+        self.client = None
+        if client is None:
+            return
+        client.upstream = None
+        if self.state == TUNNEL:
+            client._close()
+        elif self.state == ACTIVE and self.framing == http.BODY_CLOSE:
+            client.keep_alive = False
+            client.response_done(False)
+        elif self.state == HEAD and client.status == 0:
+            if self.uses > 1 and not self.got_bytes and client.req_framing == 0:
+                # A pooled connection the upstream had already closed: the
+                # request never reached it, so it is sent again on a fresh
+                # one (only bodiless requests: a body may be half gone).
+                client.pending_body = [self.sent_head]
+                self.proxy.loop.create_task(client._connect(self.key))
+                return
+            client._upstream_failed("UPSTREAM_CLOSED")
+        else:
+            # Mid-body: the client must not mistake a cut body for a whole
+            # one, so its connection is closed too (SPEC §4).
+            client._close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _drop_transfer_encoding(head: bytes) -> bytes:
+    lines = head.split(b"\r\n")
+    kept = [ln for ln in lines if not ln.lower().startswith(b"transfer-encoding:")]
+    return b"\r\n".join(kept)
+
+
+def make_table_listener(proxy: Proxy) -> Callable[[dict[str, Any]], None]:
+    return proxy.on_change
