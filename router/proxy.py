@@ -36,6 +36,7 @@ from . import answers
 from .config import Config
 from .routes import FLAG_PRESERVE_HOST, ForwardingTable, parse_target
 from .speedups import http, labels
+from .tunnel import GOING_AWAY, POLICY_VIOLATION, Tunnel, accept_key
 
 log = logging.getLogger("edge_router")
 access_log = logging.getLogger("edge_router.access")
@@ -100,6 +101,7 @@ class Proxy:
         # route_id → connections relaying a request of that route right now.
         self.by_route: dict[int, set[ClientConnection]] = {}
         self.draining = False
+        self.tunnel_idle = config.tunnel_idle_timeout
         self.stats = Stats()
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -121,9 +123,12 @@ class Proxy:
 
     def _sweep(self) -> None:
         now = self.loop.time()
+        idle = self.tunnel_idle
         for conn in list(self.clients):
             if conn.deadline and now >= conn.deadline:
                 conn.deadline_passed()
+            elif idle and conn.tunnel is not None and now - conn.last_active > idle:
+                conn.tunnel.end(GOING_AWAY, GOING_AWAY, "tunnel idle")
         for key, pool in list(self.pools.items()):
             keep = [up for up in pool if now - up.idle_since < UPSTREAM_IDLE_SECONDS]
             for up in pool:
@@ -237,6 +242,7 @@ class ClientConnection(asyncio.Protocol):
         "head",
         "keep_alive",
         "label",
+        "last_active",
         "paused",
         "peer",
         "pending_body",
@@ -252,6 +258,7 @@ class ClientConnection(asyncio.Protocol):
         "state",
         "status",
         "transport",
+        "tunnel",
         "upstream",
     )
 
@@ -279,6 +286,8 @@ class ClientConnection(asyncio.Protocol):
         self.status = 0
         self.sent = 0
         self.label = b""
+        self.tunnel: Tunnel | None = None
+        self.last_active = 0.0
 
     # -- asyncio callbacks -----------------------------------------------
 
@@ -305,9 +314,11 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         state = self.state
         if state == TUNNEL:
-            up = self.upstream
-            if up is not None and up.transport is not None:
-                up.transport.write(data)
+            tunnel = self.tunnel
+            if tunnel is not None:
+                tunnel.from_client(data)
+                if self.proxy.tunnel_idle:
+                    self.last_active = self.proxy.loop.time()
             return
         if state == ACTIVE and not self.req_done:
             self._request_body(data)
@@ -332,6 +343,8 @@ class ClientConnection(asyncio.Protocol):
         self.state = CLOSED
         self.proxy.clients.discard(self)
         self._unregister()
+        if self.tunnel is not None:
+            self.tunnel.peer_lost("client")
         up = self.upstream
         self.upstream = None
         if up is not None:
@@ -672,7 +685,10 @@ class ClientConnection(asyncio.Protocol):
     def revoke(self) -> None:
         """This connection's route was revoked while it was relaying."""
         if self.state == TUNNEL:
-            self._close()
+            if self.tunnel is not None:
+                self.tunnel.end(POLICY_VIOLATION, GOING_AWAY, "route revoked")
+            else:
+                self._close()
         elif self.state == ACTIVE:
             self.keep_alive = False
             if self.status == 0:
@@ -772,7 +788,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         if self.state == TUNNEL:
-            client.transport.write(data)
+            if client.tunnel is not None:
+                client.tunnel.from_upstream(data)
         elif self.state == ACTIVE:
             self._body(client, data)
         else:
@@ -883,19 +900,36 @@ class UpstreamConnection(asyncio.Protocol):
         client.response_done(self.reusable)
 
     def _upgrade(self, client: ClientConnection, head: Any) -> None:
-        assert client.transport is not None
+        assert client.transport is not None and self.transport is not None
+        request = client.head
+        if request is not None and request.upgrade == b"websocket":
+            # An upstream that answers 101 with the wrong accept key is not
+            # speaking WebSocket to us (RFC 6455 §4.1): the browser would
+            # fail the handshake anyway, so it gets a clear 502 instead.
+            key = request.get(b"sec-websocket-key") or b""
+            if head.get(b"sec-websocket-accept") != accept_key(key):
+                log.warning("upstream %s: 101 with a bad accept key", self.key[1])
+                self.client = None
+                client.upstream = None
+                self.close()
+                client.status = 0
+                client._upstream_failed("UPSTREAM_BAD_RESPONSE")
+                return
         client.transport.write(http.render_response(head, False))
         client.state = TUNNEL
         self.state = TUNNEL
         self.reusable = False
         client.deadline = 0.0
         client.deadline_kind = DL_NONE
+        client.last_active = self.proxy.loop.time()
+        tunnel = client.tunnel = Tunnel(
+            client.transport, self.transport, client.route_id
+        )
         if self.buf:
-            client.transport.write(self.buf)
+            tunnel.from_upstream(self.buf)
             self.buf = b""
         if client.buf:
-            assert self.transport is not None
-            self.transport.write(client.buf)
+            tunnel.from_client(client.buf)
             client.buf = b""
 
     def _abort(self, client: ClientConnection) -> None:
@@ -907,6 +941,18 @@ class UpstreamConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         return False
 
+    def pause_writing(self) -> None:
+        # The sandbox reads slower than the client sends (a large upload,
+        # a busy tunnel): stop reading the client until it catches up.
+        client = self.client
+        if client is not None and client.transport is not None:
+            client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        client = self.client
+        if client is not None and client.transport is not None and not client.paused:
+            client.transport.resume_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
         transport, self.transport = self.transport, None
         del transport
@@ -917,7 +963,10 @@ class UpstreamConnection(asyncio.Protocol):
             return
         client.upstream = None
         if self.state == TUNNEL:
-            client._close()
+            if client.tunnel is not None:
+                client.tunnel.peer_lost("upstream")
+            else:
+                client._close()
         elif self.state == ACTIVE and self.framing == http.BODY_CLOSE:
             client.keep_alive = False
             client.response_done(False)

@@ -1,0 +1,192 @@
+"""Upgraded connections: WebSocket tunnels (SPEC §5, revocation of §2).
+
+After a 101 the router relays bytes both ways untouched.  It still follows
+where each frame ends, in both directions, for one reason: to end a tunnel
+cleanly it must put a close frame *between* frames.  A close frame written in
+the middle of a frame would be read as payload and leave the peer's parser
+lost; so on revocation the frame in flight is finished first, then the close
+frame follows.  The frames themselves come from wsproto.
+
+``FrameTracker`` is the sans-IO part (bytes in, frame boundaries out);
+``Tunnel`` is the IO part, driven by the two connections' callbacks.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+from wsproto.frame_protocol import FrameProtocol
+
+if TYPE_CHECKING:
+    import asyncio
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+# Close codes of RFC 6455 §7.4.1 that the router sends itself.
+GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
+INTERNAL_ERROR = 1011
+
+
+def accept_key(key: bytes) -> bytes:
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 §4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.strip() + WS_GUID).digest())
+
+
+def close_frame(code: int, reason: str, to_server: bool) -> bytes:
+    """A close frame as wsproto makes it; masked when sent to the server."""
+    return bytes(FrameProtocol(client=to_server, extensions=[]).close(code, reason))
+
+
+class FrameTracker:
+    """Follows frame boundaries in one direction of a WebSocket stream.
+
+    Only lengths are read: payloads are neither unmasked nor copied.  An
+    opcode is remembered so that a close frame passing through is seen.
+    """
+
+    __slots__ = ("header", "need", "saw_close")
+
+    def __init__(self) -> None:
+        self.header = b""  # a frame header split across reads
+        self.need = 0  # payload bytes of the current frame still to come
+        self.saw_close = False
+
+    @property
+    def at_boundary(self) -> bool:
+        return self.need == 0 and not self.header
+
+    def feed(self, data: bytes) -> None:
+        pos = 0
+        end = len(data)
+        need = self.need
+        while pos < end:
+            if need:
+                take = min(need, end - pos)
+                pos += take
+                need -= take
+                continue
+
+            # A frame header: 2 bytes, then 0, 2 or 8 of length, then 0 or 4
+            # of mask (RFC 6455 §5.2).
+            if self.header:
+                chunk = self.header + data[pos : pos + 14]
+                base = -len(self.header)
+            else:
+                chunk = data[pos : pos + 14]
+                base = 0
+            if len(chunk) < 2:
+                self.header = chunk
+                break
+            b0, b1 = chunk[0], chunk[1]
+            short = b1 & 0x7F
+            size = 2 + (2 if short == 126 else 8 if short == 127 else 0)
+            size += 4 if b1 & 0x80 else 0
+            if len(chunk) < size:
+                self.header = chunk
+                pos = end
+                break
+            if short == 126:
+                need = int.from_bytes(chunk[2:4], "big")
+            elif short == 127:
+                need = int.from_bytes(chunk[2:10], "big")
+            else:
+                need = short
+            if b0 & 0x0F == 0x8:
+                self.saw_close = True
+            pos += size + base
+            self.header = b""
+        self.need = need
+
+
+class Tunnel:
+    """Both halves of one upgraded connection."""
+
+    __slots__ = (
+        "client",
+        "closing",
+        "route_id",
+        "to_client",
+        "to_upstream",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        client: asyncio.Transport,
+        upstream: asyncio.Transport,
+        route_id: int,
+    ) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.route_id = route_id
+        self.to_client = FrameTracker()
+        self.to_upstream = FrameTracker()
+        # (client code, upstream code, reason) once an ending is decided.
+        self.closing: tuple[int, int, str] | None = None
+
+    def from_client(self, data: bytes) -> None:
+        self._relay(data, self.to_upstream, self.upstream)
+
+    def from_upstream(self, data: bytes) -> None:
+        self._relay(data, self.to_client, self.client)
+
+    def _relay(self, data: bytes, tracker: FrameTracker, out: Any) -> None:
+        if self.closing is None:
+            tracker.feed(data)
+            out.write(data)
+            return
+
+        # Ending: pass on only the rest of the frame in flight, then close.
+        if not tracker.at_boundary:
+            cut = _frame_rest(tracker, data)
+            out.write(data[:cut])
+        self._try_finish()
+
+    def end(self, client_code: int, upstream_code: int, reason: str) -> None:
+        """Close both sides with close frames, as soon as framing allows."""
+        if self.closing is not None:
+            return
+        self.closing = (client_code, upstream_code, reason)
+        self._try_finish()
+
+    def _try_finish(self) -> None:
+        assert self.closing is not None
+        client_code, upstream_code, reason = self.closing
+        if self.to_client.at_boundary and not self.client.is_closing():
+            self.client.write(close_frame(client_code, reason, to_server=False))
+            self.client.close()
+        if self.to_upstream.at_boundary and not self.upstream.is_closing():
+            self.upstream.write(close_frame(upstream_code, reason, to_server=True))
+            self.upstream.close()
+
+    def peer_lost(self, side: str) -> None:
+        """One socket died without a close handshake: end the other one.
+
+        A client whose upstream vanished gets 1011 (RFC 6455 §7.4.1: the
+        server met a condition that kept it from fulfilling the request);
+        an upstream whose client vanished is simply closed.
+        """
+        if side == "upstream":
+            if not self.client.is_closing():
+                if self.to_client.at_boundary and not self.to_client.saw_close:
+                    self.client.write(
+                        close_frame(INTERNAL_ERROR, "upstream went away", False)
+                    )
+                self.client.close()
+        elif not self.upstream.is_closing():
+            self.upstream.close()
+
+
+def _frame_rest(tracker: FrameTracker, data: bytes) -> int:
+    """How much of ``data`` finishes the frame in flight; feeds that much."""
+    i = 0
+    # The rest of a split header first (at most 14 bytes), then its payload.
+    while i < len(data) and tracker.header:
+        tracker.feed(data[i : i + 1])
+        i += 1
+    take = min(tracker.need, len(data) - i)
+    tracker.feed(data[i : i + take])
+    return i + take
