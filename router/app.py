@@ -42,6 +42,16 @@ class Router:
         self.stats_hooks: list[Callable[[], dict[str, Any]]] = []
         self.table.listeners.append(self._announce)
 
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held from ``prepare`` to ``finish`` of each transaction.
+
+        The table holds a transaction's changes before they are stored, so a
+        reader that needs contents and ``version`` to agree (a snapshot, the
+        start of a watch) holds this lock while it reads.
+        """
+        return self._lock
+
     def open_store(self) -> None:
         """Load the table from ``--state``; raise ``StoreError`` on a bad file."""
         if not self.config.state:
