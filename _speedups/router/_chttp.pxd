@@ -1,0 +1,78 @@
+# Layout of the classes of router._chttp (_speedups/http.pyx).
+#
+# The pure-Python twin, router/_http_py.py, keeps the same fields under the
+# same names (with a leading underscore behind read-only properties).
+
+
+cdef class RequestHead:
+    cdef readonly bytes method
+    cdef readonly bytes target
+    cdef readonly int version          # 10 or 11
+    cdef readonly list headers         # [(name as sent, value), ...]
+    cdef readonly Py_ssize_t head_len
+    cdef readonly object host          # bytes, or None
+    cdef readonly int framing          # BODY_NONE, BODY_LENGTH or BODY_CHUNKED
+    cdef readonly long long content_length
+    cdef readonly bint keep_alive
+    cdef readonly object upgrade       # lower-cased bytes, or None
+    cdef readonly bint expect_continue
+
+    # How render_request treats each header: one byte per header, _KEEP,
+    # _DROP or _RESTATE.  The bytes object can be longer than the list; only
+    # the first _count bytes are meaningful.
+    cdef bytes _actions
+    cdef Py_ssize_t _count
+    cdef bytes _content_length_value   # written for the _RESTATE header
+    cdef bytes _upgrade_value          # the Upgrade header as received
+    cdef bytes _origin_form            # the target as sent upstream
+
+
+cdef class ResponseHead:
+    cdef readonly int status
+    cdef readonly bytes reason
+    cdef readonly int version
+    cdef readonly list headers
+    cdef readonly Py_ssize_t head_len
+    cdef readonly int framing
+    cdef readonly long long content_length
+    cdef readonly bint keep_alive
+
+    cdef bytes _actions
+    cdef Py_ssize_t _count
+    cdef bytes _content_length_value
+
+
+cdef class _Fields:
+    # What a header section says about framing and forwarding.
+    cdef list headers
+    cdef bytes kinds                   # one kind per header, written in place
+    cdef Py_ssize_t count
+    cdef object host                   # first Host value, or None
+    cdef Py_ssize_t host_count
+    cdef Py_ssize_t content_length_count
+    cdef bytes content_length_value
+    cdef bint restate_length
+    cdef bint transfer_encoding
+    cdef bint connection_close
+    cdef bint connection_keep_alive
+    cdef bint connection_upgrade
+    cdef list connection_listed        # other lower-cased Connection options
+    cdef object upgrade_value          # first Upgrade value, or None
+    cdef bint expect_continue
+
+
+cdef class ChunkedFramer:
+    cdef readonly bint done
+    cdef Py_ssize_t _max_line
+    cdef int _state
+    cdef unsigned long long _remaining  # chunk size, then bytes left of it
+    cdef int _digits
+    cdef Py_ssize_t _line               # bytes of the line or trailer section
+    cdef bint _cr                       # last extension byte was CR
+    cdef bytearray _trailers
+
+    cdef object _fail(self, str message)
+    cdef Py_ssize_t _walk(self, object data, list pieces) except -1
+    cdef int _size_byte(self, unsigned char byte) except -1
+    cdef int _chunk_start(self) noexcept
+    cdef int _end_trailers(self) except -1

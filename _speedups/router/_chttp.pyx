@@ -1,0 +1,1279 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""HTTP/1.1 message heads and chunked framing: the compiled twin.
+
+Built as ``router._chttp``.  It follows ``router/_http_py.py`` function by
+function and gives the same answers; that file's docstring lists where both
+are deliberately stricter than h11 0.16, the reference for everything else.
+
+The head is read with C pointer scans over the caller's buffer: ``memchr``
+for line ends and for the bytes no head may contain, a table lookup per byte
+only for methods, targets and field names.  No regular expression and no
+per-header object beyond the (name, value) tuples handed back: besides the
+head and its list, a parse makes one small record of what the header section
+says and one bytes object of per-header render actions.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
+from libc.string cimport memchr, memcmp, memcpy
+
+BODY_NONE = 0
+BODY_LENGTH = 1
+BODY_CHUNKED = 2
+BODY_CLOSE = 3
+
+cdef enum:
+    _NONE = 0
+    _LENGTH = 1
+    _CHUNKED = 2
+    _CLOSE = 3
+
+# h11 takes at most 20 digits; 63 bits are enough for any real body.
+cdef enum:
+    _MAX_LENGTH_DIGITS = 20
+    _MAX_CHUNK_SIZE_DIGITS = 20
+
+cdef long long _MAX_LENGTH = 0x7FFFFFFFFFFFFFFF
+
+# Header kinds, recorded while parsing (see router/_http_py.py).
+cdef enum:
+    _K_OTHER = 0
+    _K_HOST = 1
+    _K_CONNECTION = 2
+    _K_UPGRADE = 3
+    _K_HOP = 4
+    _K_FORWARDED = 5
+    _K_CONTENT_LENGTH = 6
+    _K_TRANSFER_ENCODING = 7
+    _K_EXPECT = 8
+
+# Render actions, written over the kinds once the section is read.
+cdef enum:
+    _KEEP = 0
+    _DROP = 1
+    _RESTATE = 2
+
+# Chunked framer states, the same numbers as the pure twin's.
+cdef enum:
+    _SIZE_FIRST = 0
+    _SIZE = 1
+    _SIZE_SPACE = 2
+    _SIZE_CR = 3
+    _EXTENSION = 4
+    _DATA = 5
+    _DATA_CR = 6
+    _DATA_LF = 7
+    _TRAILER_START = 8
+    _TRAILER_START_CR = 9
+    _TRAILER_LINE = 10
+    _DONE = 11
+    _FAILED = 12
+
+# Byte classes: tchar (RFC 9110 §5.6.2), hex digit values, ASCII lower case.
+cdef unsigned char _TCHAR[256]
+cdef unsigned char _HEX[256]
+cdef unsigned char _LOWER[256]
+
+
+cdef void _init_tables() noexcept:
+    cdef int c
+    cdef bytes tchar = (
+        b"!#$%&'*+-.^_`|~0123456789"
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    )
+    for c in range(256):
+        _TCHAR[c] = 0
+        _HEX[c] = 0xFF
+        _LOWER[c] = c + 32 if 0x41 <= c <= 0x5A else c
+    for c in tchar:
+        _TCHAR[c] = 1
+    for c in range(10):
+        _HEX[0x30 + c] = c
+    for c in range(6):
+        _HEX[0x41 + c] = 10 + c
+        _HEX[0x61 + c] = 10 + c
+
+
+_init_tables()
+
+
+class ParseError(ValueError):
+    """A message the router will not accept, with the reply to send for it."""
+
+    def __init__(self, status, code, message):
+        ValueError.__init__(self, message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+cdef object _bad(str message):
+    return ParseError(400, "BAD_REQUEST", message)
+
+
+cdef inline bint _is_space(char c) noexcept:
+    return c == b" " or c == b"\t"
+
+
+cdef inline bint _same_lower(
+    const char* raw, Py_ssize_t size, const char* lower, Py_ssize_t lower_size
+) noexcept:
+    # ASCII case-insensitive comparison with an already lower-case string.
+    cdef Py_ssize_t i
+    if size != lower_size:
+        return False
+    for i in range(size):
+        if _LOWER[<unsigned char>raw[i]] != <unsigned char>lower[i]:
+            return False
+    return True
+
+
+cdef bytes _lower(const char* raw, Py_ssize_t size):
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
+    cdef char* w = PyBytes_AS_STRING(out)
+    cdef Py_ssize_t i
+    for i in range(size):
+        w[i] = <char>_LOWER[<unsigned char>raw[i]]
+    return out
+
+
+cdef object _get(list headers, bytes lname):
+    cdef const char* want = PyBytes_AS_STRING(lname)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(lname)
+    cdef tuple item
+    cdef bytes name
+    for item in headers:
+        name = <bytes?>item[0]
+        if _same_lower(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), want, size):
+            return item[1]
+    return None
+
+
+cdef class RequestHead:
+    """A parsed request head; attributes are read-only."""
+
+    def __init__(self):
+        raise TypeError("RequestHead objects are made by parse_request")
+
+    def get(self, bytes lname not None):
+        """The first value of the header named ``lname`` (lower case)."""
+        return _get(self.headers, lname)
+
+    def __repr__(self):
+        return (
+            f"<RequestHead {self.method!r} {self.target!r} "
+            f"HTTP/{self.version // 10}.{self.version % 10} "
+            f"{len(self.headers)} headers>"
+        )
+
+
+cdef class ResponseHead:
+    """A parsed response head; attributes are read-only."""
+
+    def __init__(self):
+        raise TypeError("ResponseHead objects are made by parse_response")
+
+    def get(self, bytes lname not None):
+        """The first value of the header named ``lname`` (lower case)."""
+        return _get(self.headers, lname)
+
+    def __repr__(self):
+        return (
+            f"<ResponseHead {self.status} {self.reason!r} "
+            f"HTTP/{self.version // 10}.{self.version % 10} "
+            f"{len(self.headers)} headers>"
+        )
+
+
+cdef class _Fields:
+
+    def __cinit__(self):
+        self.headers = []
+        self.host = None
+        self.content_length_value = b""
+        self.connection_listed = []
+        self.upgrade_value = None
+
+
+# ---------------------------------------------------------------------------
+# Finding the head
+
+cdef struct _Span:
+    Py_ssize_t blank    # offset of the LF that starts the blank line
+    Py_ssize_t end      # offset just past the head
+    Py_ssize_t lines    # lines before the blank one
+    bint folded         # a line after the first starts with SP or HTAB
+
+
+cdef bint _find_head(
+    const char* buf, Py_ssize_t size, Py_ssize_t max_head, _Span* span
+) noexcept:
+    # Like h11, the head ends at the first LF followed by an empty line,
+    # CRLF or bare LF (RFC 9112 §2.2).  Only the first max_head bytes are
+    # searched, so a large pipelined body behind the head is never scanned.
+    cdef const char* stop = buf + (size if size < max_head else max_head)
+    cdef const char* p = buf
+    cdef const char* lf
+    span.lines = 1
+    span.folded = False
+    while True:
+        lf = <const char*>memchr(p, b"\n", stop - p)
+        if lf == NULL or lf + 1 >= stop:
+            return False
+        if lf[1] == b"\n":
+            span.blank = lf - buf
+            span.end = span.blank + 2
+            return True
+        if lf[1] == b"\r":
+            if lf + 2 >= stop:
+                return False
+            if lf[2] == b"\n":
+                span.blank = lf - buf
+                span.end = span.blank + 3
+                return True
+        elif _is_space(lf[1]):
+            span.folded = True
+        span.lines += 1
+        p = lf + 1
+
+
+cdef int _incomplete(
+    const char* buf, Py_ssize_t size, Py_ssize_t max_head, str what
+) except -1:
+    # h11 refuses at once a buffer whose first byte is whitespace or a control
+    # byte: no message line can start that way (a leading empty line
+    # included), and it catches a TLS handshake sent to a plain-text port.
+    if size and <unsigned char>buf[0] < 0x21:
+        raise _bad(f"{what} line starts with whitespace or a control byte")
+
+    if size >= max_head:
+        raise ParseError(431, "HEADERS_TOO_LARGE", f"{what} head is too large")
+    return 0
+
+
+cdef int _check_head_bytes(const char* buf, Py_ssize_t end) except -1:
+    # NUL, VT and FF are valid nowhere in a head, and CR only right before LF
+    # (RFC 9112 §2.2, RFC 9110 §5.5): the same set h11's grammar refuses.
+    # Checking the whole head with memchr lets the line parsers skip values.
+    cdef const char* p = buf
+    cdef const char* stop = buf + end
+    if (
+        memchr(buf, 0x00, end) != NULL
+        or memchr(buf, 0x0B, end) != NULL
+        or memchr(buf, 0x0C, end) != NULL
+    ):
+        raise _bad("control character in message head")
+
+    while True:
+        p = <const char*>memchr(p, b"\r", stop - p)
+        if p == NULL:
+            return 0
+        if p + 1 >= stop or p[1] != b"\n":
+            raise _bad("bare CR in message head")
+        p += 2
+
+
+cdef inline Py_ssize_t _line_end(const char* buf, Py_ssize_t pos, Py_ssize_t stop):
+    # Offset of the LF ending the line at pos, or stop for the last line.
+    cdef const char* lf = <const char*>memchr(buf + pos, b"\n", stop - pos)
+    return stop if lf == NULL else lf - buf
+
+
+cdef int _version(const char* raw, Py_ssize_t size) except -1:
+    # RFC 9112 §2.3: HTTP-version = "HTTP/" DIGIT "." DIGIT, case-sensitive.
+    if size == 8 and memcmp(raw, b"HTTP/1.", 7) == 0:
+        if raw[7] == b"1":
+            return 11
+        if raw[7] == b"0":
+            return 10
+    if (
+        size == 8
+        and memcmp(raw, b"HTTP/", 5) == 0
+        and b"0" <= raw[5] <= b"9"
+        and raw[6] == b"."
+        and b"0" <= raw[7] <= b"9"
+    ):
+        raise _bad(f"unsupported HTTP version {raw[:8].decode()}")
+    raise _bad("malformed HTTP version")
+
+
+# ---------------------------------------------------------------------------
+# Header fields
+
+cdef list _unfold(list lines):
+    # RFC 9112 §5.2 lets a recipient replace each obs-fold with SP; h11 joins
+    # each continuation, stripped of its leading whitespace, with one SP.
+    # Rare, so it stays in Python, as in the pure twin.
+    cdef list out = []
+    cdef bytes line
+    for line in lines:
+        if line[0] in b" \t":
+            if not out:
+                raise _bad("continuation line at start of header section")
+            out[len(out) - 1] += b" " + line.lstrip(b" \t")
+        else:
+            out.append(line)
+    return out
+
+
+cdef _Fields _parse_unfolded(bytes region):
+    # Slow path for obs-fold: unfold the lines, then read them as usual.
+    cdef list lines = _unfold(region.replace(b"\r", b"").split(b"\n"))
+    cdef bytes joined = b"\n".join(lines)
+    return _parse_fields(PyBytes_AS_STRING(joined), 0, len(joined), len(lines))
+
+
+cdef _Fields _parse_fields(
+    const char* buf, Py_ssize_t pos, Py_ssize_t stop, Py_ssize_t max_lines
+):
+    # RFC 9112 §5: field-name ":" OWS field-value OWS.  The value bytes were
+    # checked for the whole head at once, so only the name needs a scan.
+    cdef _Fields fields = _Fields.__new__(_Fields)
+    cdef list headers = fields.headers
+    cdef bytes kinds = PyBytes_FromStringAndSize(NULL, max_lines)
+    cdef char* kind = PyBytes_AS_STRING(kinds)
+    cdef Py_ssize_t line_end, end, colon, value, value_end
+    cdef bytes name_obj, value_obj
+    fields.kinds = kinds
+    fields.count = 0
+    while pos < stop:
+        line_end = _line_end(buf, pos, stop)
+        end = line_end
+        if buf[end - 1] == b"\r":
+            end -= 1
+
+        colon = pos
+        while colon < end and _TCHAR[<unsigned char>buf[colon]]:
+            colon += 1
+        if colon == pos or colon == end or buf[colon] != b":":
+            if _is_space(buf[pos]):
+                raise _bad("obsolete line folding in header section")
+            raise _bad(f"malformed header line {buf[pos:min(end, pos + 40)]!r}")
+
+        # RFC 9112 §5.1: the field value is stripped of OWS on both sides.
+        value = colon + 1
+        while value < end and _is_space(buf[value]):
+            value += 1
+        value_end = end
+        while value_end > value and _is_space(buf[value_end - 1]):
+            value_end -= 1
+
+        name_obj = PyBytes_FromStringAndSize(buf + pos, colon - pos)
+        value_obj = PyBytes_FromStringAndSize(buf + value, value_end - value)
+        headers.append((name_obj, value_obj))
+        kind[fields.count] = _note_field(
+            fields, buf + pos, colon - pos, buf + value, value_end - value, value_obj
+        )
+        fields.count += 1
+        pos = line_end + 1
+    return fields
+
+
+cdef int _kind(const char* name, Py_ssize_t size) noexcept:
+    # Dispatch on the length first: most names match no candidate's length.
+    if size == 2:
+        if _same_lower(name, 2, b"te", 2):
+            return _K_HOP
+    elif size == 4:
+        if _same_lower(name, 4, b"host", 4):
+            return _K_HOST
+    elif size == 6:
+        if _same_lower(name, 6, b"expect", 6):
+            return _K_EXPECT
+    elif size == 7:
+        if _same_lower(name, 7, b"upgrade", 7):
+            return _K_UPGRADE
+    elif size == 10:
+        if _same_lower(name, 10, b"connection", 10):
+            return _K_CONNECTION
+        if _same_lower(name, 10, b"keep-alive", 10):
+            return _K_HOP
+    elif size == 14:
+        if _same_lower(name, 14, b"content-length", 14):
+            return _K_CONTENT_LENGTH
+    elif size == 15:
+        if _same_lower(name, 15, b"x-forwarded-for", 15):
+            return _K_FORWARDED
+    elif size == 16:
+        if _same_lower(name, 16, b"proxy-connection", 16):
+            return _K_HOP
+        if _same_lower(name, 16, b"x-forwarded-host", 16):
+            return _K_FORWARDED
+        if _same_lower(name, 16, b"x-forwarded-port", 16):
+            return _K_FORWARDED
+    elif size == 17:
+        if _same_lower(name, 17, b"transfer-encoding", 17):
+            return _K_TRANSFER_ENCODING
+        if _same_lower(name, 17, b"x-forwarded-proto", 17):
+            return _K_FORWARDED
+    return _K_OTHER
+
+
+cdef int _note_field(
+    _Fields fields,
+    const char* name,
+    Py_ssize_t name_size,
+    const char* value,
+    Py_ssize_t size,
+    bytes value_obj,
+) except -1:
+    cdef int kind = _kind(name, name_size)
+    if kind == _K_OTHER:
+        return kind
+
+    if kind == _K_HOST:
+        fields.host_count += 1
+        if fields.host is None:
+            fields.host = value_obj
+    elif kind == _K_CONTENT_LENGTH:
+        _note_content_length(fields, value, size, value_obj)
+    elif kind == _K_TRANSFER_ENCODING:
+        # RFC 9112 §6.1: chunked is the only coding a proxy must understand;
+        # like h11, refuse any other, a list, or a second header.
+        if fields.transfer_encoding:
+            raise _bad("more than one Transfer-Encoding header")
+        if not _same_lower(value, size, b"chunked", 7):
+            raise _bad("Transfer-Encoding other than chunked")
+        fields.transfer_encoding = True
+    elif kind == _K_CONNECTION:
+        _note_connection(fields, value, size)
+    elif kind == _K_UPGRADE:
+        if fields.upgrade_value is None:
+            fields.upgrade_value = value_obj
+    elif kind == _K_EXPECT:
+        _note_expect(fields, value, size)
+    return kind
+
+
+cdef struct _Item:
+    const char* start
+    Py_ssize_t size
+    Py_ssize_t next     # where the next item starts, or -1 after the last
+
+
+cdef inline void _comma_item(const char* value, Py_ssize_t size, Py_ssize_t pos,
+                             _Item* item) noexcept:
+    # One element of a comma list, stripped of SP and HTAB on both sides.
+    cdef const char* comma = <const char*>memchr(value + pos, b",", size - pos)
+    cdef Py_ssize_t end = size if comma == NULL else comma - value
+    item.next = -1 if comma == NULL else end + 1
+    while pos < end and _is_space(value[pos]):
+        pos += 1
+    while end > pos and _is_space(value[end - 1]):
+        end -= 1
+    item.start = value + pos
+    item.size = end - pos
+
+
+cdef int _note_content_length(
+    _Fields fields, const char* value, Py_ssize_t size, bytes value_obj
+) except -1:
+    # RFC 9112 §6.3 and RFC 9110 §8.6, as h11 reads them: a list of equal
+    # values ("5, 5") or repeated equal headers stand for one length; any
+    # difference, even "5" against "05", is refused.
+    cdef _Item first, item
+    cdef Py_ssize_t i
+    cdef bytes known
+    _comma_item(value, size, 0, &first)
+    item.next = first.next
+    while item.next >= 0:
+        _comma_item(value, size, item.next, &item)
+        if item.size != first.size or memcmp(item.start, first.start, first.size):
+            raise _bad("conflicting Content-Length values")
+
+    if first.size == 0 or first.size > _MAX_LENGTH_DIGITS:
+        raise _bad("Content-Length is not a decimal number")
+    for i in range(first.size):
+        if not b"0" <= first.start[i] <= b"9":
+            raise _bad("Content-Length is not a decimal number")
+
+    fields.content_length_count += 1
+    if fields.content_length_count == 1:
+        if first.size == size:
+            fields.content_length_value = value_obj
+        else:
+            fields.content_length_value = first.start[:first.size]
+        fields.restate_length = first.next >= 0
+        return 0
+
+    known = fields.content_length_value
+    if PyBytes_GET_SIZE(known) != first.size or memcmp(
+        PyBytes_AS_STRING(known), first.start, first.size
+    ):
+        raise _bad("conflicting Content-Length values")
+    fields.restate_length = True
+    return 0
+
+
+cdef long long _content_length(_Fields fields) except -2:
+    # Checked apart from the grammar so that trailers, whose Content-Length
+    # means nothing, are held to h11's 20 digits only.
+    cdef bytes raw = fields.content_length_value
+    cdef const char* digits = PyBytes_AS_STRING(raw)
+    cdef long long length = 0
+    cdef int digit
+    cdef Py_ssize_t i
+    if not fields.content_length_count:
+        return -1
+    for i in range(PyBytes_GET_SIZE(raw)):
+        digit = digits[i] - 0x30
+        if length > (_MAX_LENGTH - digit) // 10:
+            raise _bad("Content-Length is too large")
+        length = length * 10 + digit
+    return length
+
+
+cdef int _note_connection(
+    _Fields fields, const char* value, Py_ssize_t size
+) except -1:
+    # RFC 9110 §7.6.1: a comma list of case-insensitive option names.
+    cdef _Item item
+    item.next = 0
+    while item.next >= 0:
+        _comma_item(value, size, item.next, &item)
+        if _same_lower(item.start, item.size, b"close", 5):
+            fields.connection_close = True
+        elif _same_lower(item.start, item.size, b"keep-alive", 10):
+            fields.connection_keep_alive = True
+        elif _same_lower(item.start, item.size, b"upgrade", 7):
+            fields.connection_upgrade = True
+        elif item.size:
+            fields.connection_listed.append(_lower(item.start, item.size))
+    return 0
+
+
+cdef int _note_expect(_Fields fields, const char* value, Py_ssize_t size) except -1:
+    cdef _Item item
+    item.next = 0
+    while item.next >= 0:
+        _comma_item(value, size, item.next, &item)
+        if _same_lower(item.start, item.size, b"100-continue", 12):
+            fields.expect_continue = True
+    return 0
+
+
+cdef bint _listed(_Fields fields, Py_ssize_t index) except -1:
+    cdef bytes name = <bytes>(<tuple>fields.headers[index])[0]
+    cdef const char* raw = PyBytes_AS_STRING(name)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(name)
+    cdef bytes option
+    for option in fields.connection_listed:
+        if _same_lower(raw, size, PyBytes_AS_STRING(option), len(option)):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------
+# Requests
+
+cdef bytes _GET = b"GET"
+cdef bytes _POST = b"POST"
+
+
+cdef bytes _method(const char* raw, Py_ssize_t size):
+    # The two methods nearly every request uses are shared, not copied.
+    if size == 3 and memcmp(raw, b"GET", 3) == 0:
+        return _GET
+    if size == 4 and memcmp(raw, b"POST", 4) == 0:
+        return _POST
+    return PyBytes_FromStringAndSize(raw, size)
+
+
+def parse_request(object buf, Py_ssize_t max_head):
+    """Parse the request head at the start of ``buf``.
+
+    Returns ``None`` while the head is incomplete; raises :class:`ParseError`
+    (400, or 431 past ``max_head`` bytes) for a request to refuse.
+    """
+    cdef Py_buffer view
+    if max_head <= 0:
+        raise ValueError("max_head must be positive")
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        return _parse_request(<const char*>view.buf, view.len, max_head)
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef object _parse_request(const char* buf, Py_ssize_t size, Py_ssize_t max_head):
+    cdef _Span span
+    cdef Py_ssize_t line_end, pos, first, second, i
+    cdef const char* space
+    cdef int version, framing
+    cdef bint keep_alive
+    cdef _Fields fields
+    cdef object host, authority, upgrade, absolute
+    cdef bytes target, origin_form, rest
+    cdef RequestHead head
+
+    # 1. Find the blank line that ends the head.
+    if not _find_head(buf, size, max_head, &span):
+        _incomplete(buf, size, max_head, "request")
+        return None
+
+    # 2. Read the request line, RFC 9112 §3: method SP target SP version.
+    _check_head_bytes(buf, span.end)
+    line_end = _line_end(buf, 0, span.blank)
+    pos = line_end
+    if pos > 0 and buf[pos - 1] == b"\r":
+        pos -= 1
+    if pos == 0:
+        raise _bad("empty request line")
+    space = <const char*>memchr(buf, b" ", pos)
+    if space == NULL:
+        raise _bad("malformed request line")
+    first = space - buf
+    i = 0
+    while i < first and _TCHAR[<unsigned char>buf[i]]:
+        i += 1
+    if first == 0 or i < first:
+        raise _bad("malformed method")
+    space = <const char*>memchr(buf + first + 1, b" ", pos - first - 1)
+    if space == NULL:
+        raise _bad("malformed request line")
+    second = space - buf
+    for i in range(first + 1, second):
+        if not 0x21 <= <unsigned char>buf[i] <= 0x7E:
+            raise _bad("malformed request-target")
+    if second == first + 1:
+        raise _bad("malformed request-target")
+    version = _version(buf + second + 1, pos - second - 1)
+
+    # 3. Read the header section; obs-fold is refused in requests (RFC 9112
+    #    §5.2 allows it), which leaves a smuggler no two readings of a header.
+    #    h11 unfolds it instead: the one grammar difference between the two.
+    fields = _parse_fields(buf, line_end + 1, span.blank, span.lines)
+
+    # 4. Host, RFC 9112 §3.2: a 1.1 request without one, or any request with
+    #    two, is answered 400.
+    if fields.host_count > 1:
+        raise _bad("more than one Host header")
+    host = fields.host
+    if host is None and version == 11:
+        raise _bad("missing Host header")
+    target = PyBytes_FromStringAndSize(buf + first + 1, second - first - 1)
+    origin_form = target
+    absolute = _absolute_form(target)
+    if absolute is not None:
+        # SPEC §1: the authority of an absolute-form target is the host, and
+        # must not disagree with a Host header sent beside it.
+        authority, rest = absolute
+        if host is None:
+            host = authority
+        elif host.lower() != authority.lower():
+            raise _bad("Host header differs from the request-target")
+        origin_form = _origin_form(buf, first, rest)
+
+    # 5. Body framing, RFC 9112 §6.3.  Both headers at once is the classic
+    #    smuggling shape; h11 lets Transfer-Encoding win, a proxy refuses.
+    if fields.transfer_encoding:
+        if fields.content_length_count:
+            raise _bad("both Content-Length and Transfer-Encoding")
+        framing = _CHUNKED
+    elif fields.content_length_count:
+        framing = _LENGTH
+    else:
+        framing = _NONE
+
+    # 6. Persistence, RFC 9112 §9.3; a 1.0 message with Transfer-Encoding
+    #    must close after it (RFC 9112 §6.1).
+    if version == 11:
+        keep_alive = not fields.connection_close
+    else:
+        keep_alive = (
+            fields.connection_keep_alive
+            and not fields.connection_close
+            and not fields.transfer_encoding
+        )
+
+    # 7. Upgrade, RFC 9110 §7.8: only when Connection lists it, and never
+    #    for HTTP/1.0, where the server must ignore it.
+    upgrade = None
+    if fields.connection_upgrade and version == 11 and fields.upgrade_value:
+        upgrade = fields.upgrade_value.lower()
+
+    head = RequestHead.__new__(RequestHead)
+    head.method = _method(buf, first)
+    head.target = target
+    head.version = version
+    head.headers = fields.headers
+    head.head_len = span.end
+    head.host = host
+    head.framing = framing
+    head.content_length = _content_length(fields)
+    head.keep_alive = keep_alive
+    head.upgrade = upgrade
+    # RFC 9110 §10.1.1: a 100-continue expectation in 1.0 is ignored.
+    head.expect_continue = fields.expect_continue and version == 11
+    _request_actions(fields)
+    head._actions = fields.kinds
+    head._count = fields.count
+    head._content_length_value = fields.content_length_value
+    head._upgrade_value = fields.upgrade_value or b""
+    head._origin_form = origin_form
+    return head
+
+
+cdef object _absolute_form(bytes target):
+    # The authority of an absolute-form target, and what follows it, or
+    # None.  RFC 9112 §3.2.2; only http and https URIs are served.
+    cdef const char* raw = PyBytes_AS_STRING(target)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(target)
+    cdef Py_ssize_t start, end
+    if size >= 7 and _same_lower(raw, 7, b"http://", 7):
+        start = 7
+    elif size >= 8 and _same_lower(raw, 8, b"https://", 8):
+        start = 8
+    else:
+        return None
+
+    end = start
+    while end < size and raw[end] != b"/" and raw[end] != b"?" and raw[end] != b"#":
+        end += 1
+
+    # RFC 9110 §4.2.1 and §4.2.4: an http URI needs a host, and userinfo in
+    # it is to be treated as an error.
+    if end == start or memchr(raw + start, b"@", end - start) != NULL:
+        raise _bad("malformed authority in request-target")
+    return target[start:end], target[end:]
+
+
+cdef bytes _origin_form(const char* method, Py_ssize_t method_size, bytes rest):
+    # RFC 9112 §3.2.1: a request sent straight to an origin server, as the
+    # router's are, carries the path and query only, never a fragment.  An
+    # empty path is "/", or "*" for OPTIONS without a query (§3.2.4).
+    cdef Py_ssize_t fragment = rest.find(b"#")
+    if fragment >= 0:
+        rest = rest[:fragment]
+    if not rest:
+        if method_size == 7 and memcmp(method, b"OPTIONS", 7) == 0:
+            return b"*"
+        return b"/"
+    if rest[0] != 0x2F:
+        return b"/" + rest
+    return rest
+
+
+cdef int _request_actions(_Fields fields) except -1:
+    # Hop-by-hop headers go (RFC 9110 §7.6.1), so do Host and X-Forwarded-*,
+    # which the router sets itself (SPEC §4).  Content-Length and
+    # Transfer-Encoding stay even when Connection names them: dropping them
+    # would let a client change the framing the upstream sees.  Trailer
+    # stays too: it is end-to-end (RFC 9110 §6.6.2, not in §7.6.1's list),
+    # and the trailer section it announces is relayed verbatim.
+    cdef char* actions = PyBytes_AS_STRING(fields.kinds)
+    cdef bint restated = False
+    cdef Py_ssize_t index
+    cdef char kind
+    for index in range(fields.count):
+        kind = actions[index]
+        actions[index] = _KEEP
+        if kind == _K_CONTENT_LENGTH:
+            if fields.restate_length:
+                actions[index] = _DROP if restated else _RESTATE
+                restated = True
+        elif kind == _K_TRANSFER_ENCODING:
+            pass
+        elif (
+            kind == _K_HOST
+            or kind == _K_CONNECTION
+            or kind == _K_UPGRADE
+            or kind == _K_HOP
+            or kind == _K_FORWARDED
+        ):
+            actions[index] = _DROP
+        elif fields.connection_listed and _listed(fields, index):
+            actions[index] = _DROP
+    return 0
+
+
+cdef inline char* _put(char* w, bytes part) noexcept:
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(part)
+    memcpy(w, PyBytes_AS_STRING(part), size)
+    return w + size
+
+
+cdef inline char* _put_c(char* w, const char* part, Py_ssize_t size) noexcept:
+    memcpy(w, part, size)
+    return w + size
+
+
+cdef Py_ssize_t _fields_size(
+    list headers, bytes actions, Py_ssize_t count, bytes length
+) except -1:
+    # Bytes taken by the kept headers, each "name: value\r\n".
+    cdef const char* action = PyBytes_AS_STRING(actions)
+    cdef Py_ssize_t size = 0
+    cdef Py_ssize_t index
+    cdef tuple item
+    if len(headers) != count:
+        raise ValueError("headers were changed after parsing")
+    for index in range(count):
+        if action[index] == _DROP:
+            continue
+        item = <tuple?>headers[index]
+        size += PyBytes_GET_SIZE(<bytes?>item[0]) + 4
+        if action[index] == _KEEP:
+            size += PyBytes_GET_SIZE(<bytes?>item[1])
+        else:
+            size += PyBytes_GET_SIZE(length)
+    return size
+
+
+cdef char* _put_fields(
+    char* w, list headers, bytes actions, Py_ssize_t count, bytes length
+) noexcept:
+    # Only called after _fields_size has checked every item's type.
+    cdef const char* action = PyBytes_AS_STRING(actions)
+    cdef Py_ssize_t index
+    cdef tuple item
+    for index in range(count):
+        if action[index] == _DROP:
+            continue
+        item = <tuple>headers[index]
+        w = _put(w, <bytes>item[0])
+        w = _put_c(w, b": ", 2)
+        w = _put(w, <bytes>item[1] if action[index] == _KEEP else length)
+        w = _put_c(w, b"\r\n", 2)
+    return w
+
+
+def render_request(RequestHead head not None, bytes host not None,
+                   bytes extra not None):
+    """The head to send upstream: HTTP/1.1, the target in origin-form,
+    end-to-end headers as received, then ``Host``, the pre-formatted ``extra``
+    lines and the upgrade pair."""
+    cdef Py_ssize_t size
+    cdef bytes out
+    cdef char* w
+    cdef bint upgrade = head.upgrade is not None
+
+    # 1. Measure, so that the head is written into one bytes object.
+    size = PyBytes_GET_SIZE(head.method) + PyBytes_GET_SIZE(head._origin_form) + 12
+    size += _fields_size(
+        head.headers, head._actions, head._count, head._content_length_value
+    )
+    size += 8 + PyBytes_GET_SIZE(host) + PyBytes_GET_SIZE(extra) + 2
+    if upgrade:
+        size += 30 + PyBytes_GET_SIZE(head._upgrade_value) + 2
+
+    # 2. Write.
+    out = PyBytes_FromStringAndSize(NULL, size)
+    w = PyBytes_AS_STRING(out)
+    w = _put(w, head.method)
+    w = _put_c(w, b" ", 1)
+    w = _put(w, head._origin_form)
+    w = _put_c(w, b" HTTP/1.1\r\n", 11)
+    w = _put_fields(
+        w, head.headers, head._actions, head._count, head._content_length_value
+    )
+    w = _put_c(w, b"Host: ", 6)
+    w = _put(w, host)
+    w = _put_c(w, b"\r\n", 2)
+    w = _put(w, extra)
+    if upgrade:
+        w = _put_c(w, b"Connection: Upgrade\r\nUpgrade: ", 30)
+        w = _put(w, head._upgrade_value)
+        w = _put_c(w, b"\r\n", 2)
+    w = _put_c(w, b"\r\n", 2)
+    _check_written(out, w)
+    return out
+
+
+cdef int _check_written(bytes out, char* w) except -1:
+    # The measure and write loops must agree; a mismatch is a bug here, and
+    # is caught before the bytes leave (an overrun would already be fatal).
+    if w != PyBytes_AS_STRING(out) + PyBytes_GET_SIZE(out):
+        raise SystemError("rendered head size mismatch")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Responses
+
+def parse_response(object buf, Py_ssize_t max_head, bint head_request):
+    """Parse the response head at the start of ``buf``.
+
+    Returns ``None`` while the head is incomplete.  An interim (1xx) response
+    is returned on its own; call again after it for the next one.  Errors are
+    :class:`ParseError` 502 ``UPSTREAM_BAD_RESPONSE``.
+    """
+    cdef Py_buffer view
+    if max_head <= 0:
+        raise ValueError("max_head must be positive")
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        return _parse_response(<const char*>view.buf, view.len, max_head, head_request)
+    except ParseError as exc:
+        raise ParseError(502, "UPSTREAM_BAD_RESPONSE", exc.message) from None
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef object _parse_response(
+    const char* buf, Py_ssize_t size, Py_ssize_t max_head, bint head_request
+):
+    cdef _Span span
+    cdef Py_ssize_t line_end, pos, i
+    cdef int version, status, framing
+    cdef bint keep_alive
+    cdef long long content_length
+    cdef _Fields fields
+    cdef ResponseHead head
+
+    # 1. Find the blank line that ends the head.
+    if not _find_head(buf, size, max_head, &span):
+        _incomplete(buf, size, max_head, "status")
+        return None
+
+    # 2. Read the status line, RFC 9112 §4.  h11 also accepts a status line
+    #    without the SP before an empty reason, which some servers send.
+    _check_head_bytes(buf, span.end)
+    line_end = _line_end(buf, 0, span.blank)
+    pos = line_end
+    if pos > 0 and buf[pos - 1] == b"\r":
+        pos -= 1
+    if pos < 12 or buf[8] != b" ":
+        raise _bad("malformed status line")
+    for i in range(9, 12):
+        if not b"0" <= buf[i] <= b"9":
+            raise _bad("malformed status line")
+    if pos > 12 and buf[12] != b" ":
+        raise _bad("malformed status line")
+    version = _version(buf, 8)
+    status = (buf[9] - 0x30) * 100 + (buf[10] - 0x30) * 10 + (buf[11] - 0x30)
+    if status < 100:
+        raise _bad("status code below 100")
+
+    # 3. Read the header section.  obs-fold is unfolded as h11 does, which
+    #    is what RFC 9112 §5.2 asks of a proxy forwarding a response.
+    if span.folded:
+        fields = _parse_unfolded(buf[line_end + 1:span.blank])
+    else:
+        fields = _parse_fields(buf, line_end + 1, span.blank, span.lines)
+    content_length = _content_length(fields)
+
+    # 4. Body framing, RFC 9112 §6.3: interim, 204 and 304 responses and
+    #    answers to HEAD have none whatever they say; Transfer-Encoding wins
+    #    over Content-Length; with neither, the body runs to the close.
+    if status < 200 or status == 204 or status == 304 or head_request:
+        framing = _NONE
+    elif fields.transfer_encoding:
+        framing = _CHUNKED
+    elif fields.content_length_count:
+        framing = _LENGTH
+    else:
+        framing = _CLOSE
+
+    # 5. Can the upstream connection carry another request (RFC 9112 §9.3)?
+    if version == 11:
+        keep_alive = not fields.connection_close
+    else:
+        keep_alive = (
+            fields.connection_keep_alive
+            and not fields.connection_close
+            and not fields.transfer_encoding
+        )
+    if framing == _CLOSE or status == 101:
+        keep_alive = False
+
+    head = ResponseHead.__new__(ResponseHead)
+    head.status = status
+    head.reason = buf[13:pos] if pos > 13 else b""
+    head.version = version
+    head.headers = fields.headers
+    head.head_len = span.end
+    head.framing = framing
+    head.content_length = content_length if framing == _LENGTH else -1
+    head.keep_alive = keep_alive
+    _response_actions(fields, status)
+    head._actions = fields.kinds
+    head._count = fields.count
+    head._content_length_value = fields.content_length_value
+    return head
+
+
+cdef int _response_actions(_Fields fields, int status) except -1:
+    # Hop-by-hop headers go (RFC 9110 §7.6.1), except that a 101 keeps its
+    # Connection and Upgrade so the client sees the switch as sent.  Beside
+    # Transfer-Encoding a Content-Length is removed (RFC 9112 §6.3).
+    cdef char* actions = PyBytes_AS_STRING(fields.kinds)
+    cdef bint switching = status == 101
+    cdef bint restated = False
+    cdef Py_ssize_t index
+    cdef char kind
+    for index in range(fields.count):
+        kind = actions[index]
+        actions[index] = _KEEP
+        if kind == _K_CONTENT_LENGTH:
+            if fields.transfer_encoding:
+                actions[index] = _DROP
+            elif fields.restate_length:
+                actions[index] = _DROP if restated else _RESTATE
+                restated = True
+        elif kind == _K_TRANSFER_ENCODING:
+            pass
+        elif kind == _K_CONNECTION or kind == _K_UPGRADE:
+            if not switching:
+                actions[index] = _DROP
+        elif kind == _K_HOP:
+            actions[index] = _DROP
+        elif fields.connection_listed and _listed(fields, index):
+            actions[index] = _DROP
+    return 0
+
+
+def render_response(ResponseHead head not None, bint close):
+    """The head to send to the client, HTTP/1.1, hop-by-hop headers removed;
+    ``close`` adds ``Connection: close``."""
+    cdef Py_ssize_t size
+    cdef bytes out
+    cdef char* w
+    cdef char status[3]
+
+    # 1. Measure, so that the head is written into one bytes object.
+    size = 13 + PyBytes_GET_SIZE(head.reason) + 2
+    size += _fields_size(
+        head.headers, head._actions, head._count, head._content_length_value
+    )
+    if close:
+        size += 19
+    size += 2
+
+    # 2. Write.
+    status[0] = <char>(0x30 + head.status // 100)
+    status[1] = <char>(0x30 + head.status // 10 % 10)
+    status[2] = <char>(0x30 + head.status % 10)
+    out = PyBytes_FromStringAndSize(NULL, size)
+    w = PyBytes_AS_STRING(out)
+    w = _put_c(w, b"HTTP/1.1 ", 9)
+    w = _put_c(w, status, 3)
+    w = _put_c(w, b" ", 1)
+    w = _put(w, head.reason)
+    w = _put_c(w, b"\r\n", 2)
+    w = _put_fields(
+        w, head.headers, head._actions, head._count, head._content_length_value
+    )
+    if close:
+        w = _put_c(w, b"Connection: close\r\n", 19)
+    w = _put_c(w, b"\r\n", 2)
+    _check_written(out, w)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Chunked bodies, RFC 9112 §7.1
+
+cdef class ChunkedFramer:
+    """Follows a chunked body relayed verbatim, to find where it ends.
+
+    Chunk-size lines and the trailer section are each limited to
+    ``max_line`` bytes, the role h11's buffer limit plays for them.
+    """
+
+    def __init__(self, Py_ssize_t max_line=16384):
+        if max_line <= 0:
+            raise ValueError("max_line must be positive")
+        self.done = False
+        self._max_line = max_line
+        self._state = _SIZE_FIRST
+        self._remaining = 0
+        self._digits = 0
+        self._line = 0
+        self._cr = False
+        self._trailers = bytearray()
+
+    def feed(self, data):
+        """Return how many bytes of ``data`` belong to the body."""
+        return self._walk(data, None)
+
+    def decode(self, data):
+        """Like :meth:`feed`, and also return the chunk payloads in ``data``."""
+        cdef list pieces = []
+        used = self._walk(data, pieces)
+        return used, pieces
+
+    cdef object _fail(self, str message):
+        self._state = _FAILED
+        return _bad(message)
+
+    cdef Py_ssize_t _walk(self, object data, list pieces) except -1:
+        cdef Py_buffer view
+        cdef const unsigned char* raw
+        cdef Py_ssize_t size, pos = 0, take, start
+        cdef int state = self._state
+        cdef unsigned char byte
+        if state == _DONE:
+            return 0
+        if state == _FAILED:
+            raise _bad("chunked body already refused")
+
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            raw = <const unsigned char*>view.buf
+            size = view.len
+            while pos < size:
+                # 1. Chunk data: take as much as is there, without a byte loop.
+                if state == _DATA:
+                    take = size - pos
+                    if <unsigned long long>take > self._remaining:
+                        take = <Py_ssize_t>self._remaining
+                    if pieces is not None:
+                        pieces.append(
+                            PyBytes_FromStringAndSize(<const char*>raw + pos, take)
+                        )
+                    pos += take
+                    self._remaining -= take
+                    if self._remaining == 0:
+                        state = _DATA_CR
+                    continue
+
+                # 2. Everything else is read byte by byte against the grammar.
+                byte = raw[pos]
+                pos += 1
+                if state < _DATA:
+                    self._line += 1
+                    if self._line > self._max_line:
+                        raise self._fail("chunk-size line is too long")
+                    self._state = state
+                    state = self._size_byte(byte)
+                elif state == _DATA_CR:
+                    if byte != 0x0D:
+                        raise self._fail("chunk data not followed by CRLF")
+                    state = _DATA_LF
+                elif state == _DATA_LF:
+                    if byte != 0x0A:
+                        raise self._fail("chunk data not followed by CRLF")
+                    state = _SIZE_FIRST
+                else:
+                    # 3. The trailer section is kept, up to its blank line, to
+                    #    be checked as a whole (h11 holds trailers to every
+                    #    rule of a header section, Content-Length included).
+                    start = pos - 1
+                    while True:
+                        self._line += 1
+                        if self._line > self._max_line:
+                            raise self._fail("trailer section is too long")
+                        state = _trailer_byte(state, byte)
+                        if state == _DONE or pos == size:
+                            break
+                        byte = raw[pos]
+                        pos += 1
+                    self._trailers += raw[start:pos]
+                    if state == _DONE:
+                        self._end_trailers()
+                        self._state = state
+                        self.done = True
+                        return pos
+        finally:
+            PyBuffer_Release(&view)
+
+        self._state = state
+        return pos
+
+    cdef int _size_byte(self, unsigned char byte) except -1:
+        # chunk = chunk-size [ chunk-ext ] CRLF, with h11's leniencies: up to
+        # 20 hex digits, whitespace before CRLF, and any bytes but LF in the
+        # extension (which nobody here interprets).
+        cdef int state = self._state
+        cdef unsigned char digit
+        if state == _SIZE_FIRST or state == _SIZE:
+            digit = _HEX[byte]
+            if digit != 0xFF:
+                self._digits += 1
+                if self._digits > _MAX_CHUNK_SIZE_DIGITS:
+                    raise self._fail("chunk size has too many digits")
+                if self._remaining >> 59:
+                    raise self._fail("chunk size is too large")
+                self._remaining = self._remaining * 16 + digit
+                return _SIZE
+            if state == _SIZE_FIRST:
+                raise self._fail("chunk size is not hexadecimal")
+            if byte == 0x3B:
+                self._cr = False
+                return _EXTENSION
+            if byte == 0x20 or byte == 0x09:
+                return _SIZE_SPACE
+            if byte == 0x0D:
+                return _SIZE_CR
+            raise self._fail("malformed chunk-size line")
+
+        if state == _SIZE_SPACE:
+            if byte == 0x20 or byte == 0x09:
+                return _SIZE_SPACE
+            if byte == 0x0D:
+                return _SIZE_CR
+            raise self._fail("malformed chunk-size line")
+
+        if state == _SIZE_CR:
+            if byte != 0x0A:
+                raise self._fail("chunk-size line not ended by CRLF")
+            return self._chunk_start()
+
+        # _EXTENSION: the line ends at the first CRLF; a bare LF is refused.
+        if byte == 0x0A:
+            if not self._cr:
+                raise self._fail("chunk-size line ended by a bare LF")
+            return self._chunk_start()
+        self._cr = byte == 0x0D
+        return _EXTENSION
+
+    cdef int _chunk_start(self) noexcept:
+        self._line = 0
+        self._digits = 0
+        if self._remaining == 0:
+            return _TRAILER_START
+        return _DATA
+
+    cdef int _end_trailers(self) except -1:
+        cdef bytes section = bytes(self._trailers)
+        self._trailers = bytearray()
+        try:
+            _check_trailers(section)
+        except ParseError:
+            self._state = _FAILED
+            raise
+        return 0
+
+
+cdef inline int _trailer_byte(int state, unsigned char byte) noexcept:
+    # The section ends where h11's does: at the first LF followed by an
+    # empty line (CRLF or bare LF), counting the chunk-size line's LF.
+    if byte == 0x0A:
+        if state == _TRAILER_LINE:
+            return _TRAILER_START
+        return _DONE
+    if byte == 0x0D and state == _TRAILER_START:
+        return _TRAILER_START_CR
+    return _TRAILER_LINE
+
+
+cdef int _check_trailers(bytes section) except -1:
+    # RFC 9112 §7.1.2: a header section, read as a response head's is (h11
+    # unfolds obs-fold in both).  ``section`` ends with its blank line.
+    cdef const char* raw = PyBytes_AS_STRING(section)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(section)
+    cdef Py_ssize_t blank, lines = 1, pos = 0
+    cdef bint folded = _is_space(raw[0])
+    cdef const char* lf
+    if size <= 2:
+        return 0
+    blank = size - (3 if raw[size - 2] == b"\r" else 2)
+    _check_head_bytes(raw, size)
+    while True:
+        lf = <const char*>memchr(raw + pos, b"\n", blank - pos)
+        if lf == NULL:
+            break
+        lines += 1
+        pos = lf - raw + 1
+        if _is_space(raw[pos]):
+            folded = True
+    if folded:
+        _parse_unfolded(section[:blank])
+    else:
+        _parse_fields(raw, 0, blank, lines)
+    return 0
