@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import Config
-from .errors import StoreError
 from .routes import RouteTable, Transaction
 from .store import Store
 
@@ -36,6 +35,10 @@ class Router:
         )
         self.store: Store | None = None
         self._lock = asyncio.Lock()
+        self._pending: list[
+            tuple[list[dict[str, Any]], bool, asyncio.Future[Transaction]]
+        ] = []
+        self._flusher: asyncio.Task[None] | None = None
         self.watchers: set[Callable[[dict[str, Any]], None]] = set()
         # Each hook returns counters that ``stats`` on the control socket
         # merges into its answer (the proxy adds its own here).
@@ -70,18 +73,63 @@ class Router:
     async def commit(
         self, ops: list[dict[str, Any]], batch: bool = False
     ) -> Transaction:
-        """Apply ``ops`` atomically and durably; raise ``RouteError``/``StoreError``."""
-        async with self._lock:
-            txn = self.table.prepare(ops, atomic_index=batch)
-            if txn.changes and self.store is not None:
-                try:
-                    await asyncio.to_thread(self.store.commit, txn)
-                except StoreError:
+        """Apply ``ops`` atomically and durably; raise ``RouteError``/``StoreError``.
+
+        Callers that arrive while a store write is under way are grouped
+        into the next write (group commit): each keeps its own transaction,
+        version and answer, but they share one fsync, which is what bounds
+        the change rate of many concurrent orchestrator clients.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Transaction] = loop.create_future()
+        self._pending.append((ops, batch, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush(), name="route-commit")
+        return await done
+
+    async def _flush(self) -> None:
+        while self._pending:
+            group, self._pending = self._pending, []
+            async with self._lock:
+                await self._commit_group(group)
+
+    async def _commit_group(
+        self, group: list[tuple[list[dict[str, Any]], bool, asyncio.Future[Any]]]
+    ) -> None:
+        # 1. Prepare each in turn, each against the table as the ones before
+        #    it left it; a refused one is rolled back on its own.
+        prepared: list[tuple[Transaction, asyncio.Future[Any]]] = []
+        version = self.table.version
+        for ops, batch, done in group:
+            try:
+                txn = self.table.prepare(ops, atomic_index=batch)
+            except Exception as exc:
+                _settle(done, exc=exc)
+                continue
+            if txn.changes:
+                version += 1
+            txn.version = version
+            prepared.append((txn, done))
+
+        # 2. One durable write for all of them, or none of them.
+        changed = [txn for txn, _ in prepared if txn.changes]
+        if changed and self.store is not None:
+            try:
+                await asyncio.to_thread(self.store.commit_many, changed)
+            except Exception as exc:
+                # StoreError, or anything else the write raised: either way
+                # nothing may be acknowledged that the store does not hold.
+                for txn, _ in reversed(prepared):
                     self.table.rollback(txn)
-                    log.error("route change not stored; rolled back", exc_info=True)
-                    raise
+                log.error("route changes not stored; rolled back: %s", exc)
+                for _, done in prepared:
+                    _settle(done, exc=exc)
+                return
+
+        # 3. Acknowledge in version order.
+        for txn, done in prepared:
             self.table.finish(txn)
-        return txn
+            _settle(done, result=txn)
 
     def _announce(self, txn: Transaction) -> None:
         for rec in txn.changes:
@@ -107,3 +155,14 @@ def _describe(rec: dict[str, Any]) -> str:
         sb = rec["sandbox"]
         return f"sandbox {sb['name']} {sb['state']} upstream {sb['upstream_host']}"
     return f"sandbox {rec['name']} destroyed"
+
+
+def _settle(
+    done: asyncio.Future[Any], result: Any = None, exc: BaseException | None = None
+) -> None:
+    if done.done():  # the caller gave up waiting; the change stands
+        return
+    if exc is not None:
+        done.set_exception(exc)
+    else:
+        done.set_result(result)
