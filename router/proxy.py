@@ -32,8 +32,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import answers
+from . import answers, grammar
 from .config import Config
+from .errors import RouteError
 from .routes import FLAG_PRESERVE_HOST, ForwardingTable, parse_target
 from .speedups import http, labels
 from .tunnel import GOING_AWAY, POLICY_VIOLATION, Tunnel, accept_key
@@ -84,8 +85,14 @@ class Proxy:
         config: Config,
         table: ForwardingTable,
         loop: asyncio.AbstractEventLoop,
+        internal: bool = False,
     ) -> None:
         self.config = config
+        # The trusted internal entry (SPEC §6) routes by X-Sandbox-Id and
+        # X-Sandbox-Port instead of the Host label; the public one never.
+        self.internal = internal
+        # Reserved ports (SPEC §1) are not valid ports there either.
+        self.reserved_ports = frozenset(config.reserved_ports)
         self.table = table
         self.loop = loop
         self.domains = table.domains
@@ -110,7 +117,22 @@ class Proxy:
     def start(self) -> None:
         self._sweeper = self.loop.call_later(1.0, self._sweep)
 
+    def begin_drain(self) -> None:
+        """Shutdown: idle connections close, tunnels get 1001 both ways.
+
+        Requests in flight finish (new ones on kept-alive connections get
+        503 ``SHUTTING_DOWN``); ``stop`` cuts whatever is left.
+        """
+        self.draining = True
+        for conn in list(self.clients):
+            if conn.tunnel is not None:
+                conn.end_tunnel(GOING_AWAY, GOING_AWAY, "router shutting down")
+            elif conn.state == HEAD and not conn.buf:
+                conn._close()
+
     def stop(self) -> None:
+        for conn in list(self.clients):
+            conn._close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         for pool in self.pools.values():
@@ -128,7 +150,7 @@ class Proxy:
             if conn.deadline and now >= conn.deadline:
                 conn.deadline_passed()
             elif idle and conn.tunnel is not None and now - conn.last_active > idle:
-                conn.tunnel.end(GOING_AWAY, GOING_AWAY, "tunnel idle")
+                conn.end_tunnel(GOING_AWAY, GOING_AWAY, "tunnel idle")
         for key, pool in list(self.pools.items()):
             keep = [up for up in pool if now - up.idle_since < UPSTREAM_IDLE_SECONDS]
             for up in pool:
@@ -153,7 +175,7 @@ class Proxy:
             doomed |= self.by_route.get(rid, set())
         if sandboxes:
             for conn in self.clients:
-                if conn.sandbox in sandboxes and conn.route_id:
+                if conn.sandbox in sandboxes and conn.state in (ACTIVE, TUNNEL):
                     doomed.add(conn)
         for conn in doomed:
             self.stats.revoked += 1
@@ -168,6 +190,8 @@ class Proxy:
                 route_ids.add(rec["route_id"])
             elif rec["op"] == "put_sandbox" and rec["sandbox"]["state"] == "stopped":
                 sandboxes.add(rec["sandbox"]["name"])
+            elif rec["op"] == "del_sandbox":
+                sandboxes.add(rec["name"])
         if route_ids or sandboxes:
             self.revoke_routes(route_ids, sandboxes)
 
@@ -207,12 +231,11 @@ class Proxy:
         while True:
             try:
                 up = UpstreamConnection(self, key)
+                factory = _factory(up)
                 if isinstance(address, str):
-                    coro = self.loop.create_unix_connection(lambda u=up: u, address)
+                    coro = self.loop.create_unix_connection(factory, address)
                 else:
-                    coro = self.loop.create_connection(
-                        lambda u=up: u, address[0], address[1]
-                    )
+                    coro = self.loop.create_connection(factory, address[0], address[1])
                 await asyncio.wait_for(coro, self.config.connect_timeout)
                 self.stats.upstream_connects += 1
                 return up
@@ -335,9 +358,19 @@ class ClientConnection(asyncio.Protocol):
             self._pause_client()
 
     def eof_received(self) -> bool:
-        # A half-closed client may still want its response (HTTP/1.0 style
-        # clients shut down writing after the request).
-        return self.state == ACTIVE
+        # TCP cannot tell a client that shut down writing from one that went
+        # away.  Only the old HTTP/1.0 style (whole request sent, then
+        # shutdown) is taken as a half-close that still wants its answer.
+        # Any other EOF mid-request is a client gone, and its upstream
+        # request must end now, not when the sandbox next writes (SPEC §4:
+        # within a second; nginx aborts such requests the same way).
+        head = self.head
+        return (
+            self.state == ACTIVE
+            and self.req_done
+            and head is not None
+            and head.version == 10
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = CLOSED
@@ -379,6 +412,10 @@ class ClientConnection(asyncio.Protocol):
         self.buf = self.buf[head.head_len :]
         self.head = head
         self.state = ACTIVE
+        # No response yet: every "nothing sent, answer it ourselves" test
+        # (502, 504, revocation, the stale-pool retry) reads this, and a
+        # kept-alive connection must not carry the last request's status.
+        self.status = 0
         self.deadline_kind = DL_NONE
         self.deadline = 0.0
         self.started = time.monotonic() if proxy.access_log else 0.0
@@ -386,6 +423,10 @@ class ClientConnection(asyncio.Protocol):
         if proxy.draining:
             self.keep_alive = False
             self._reply("SHUTTING_DOWN", close=True)
+            return
+
+        if proxy.internal:
+            self._route_internal(head)
             return
 
         # 1. Route: Host → label → one lookup.
@@ -421,8 +462,43 @@ class ClientConnection(asyncio.Protocol):
         proxy.by_route.setdefault(route_id, set()).add(self)
 
         # 2. Host sent upstream: the public one, or what dev servers accept.
-        host = head.host if flags & FLAG_PRESERVE_HOST else b"localhost:%d" % port
+        if flags & FLAG_PRESERVE_HOST:
+            host = head.host or b""
+        else:
+            host = b"localhost:%d" % port
         self._dispatch((sandbox.name, address), host)
+
+    def _route_internal(self, head: Any) -> None:
+        """SPEC §6: any valid port of a known sandbox, no token."""
+        sandbox_id = head.get(b"x-sandbox-id")
+        port_raw = head.get(b"x-sandbox-port")
+        if sandbox_id is None or port_raw is None:
+            self._reply(
+                "BAD_REQUEST", "X-Sandbox-Id and X-Sandbox-Port headers are required"
+            )
+            return
+        table = self.proxy.table
+        name = sandbox_id.decode("latin-1").lower()
+        try:
+            port = grammar.check_port(
+                port_raw.decode("latin-1"), self.proxy.reserved_ports
+            )
+        except RouteError as exc:
+            self._reply("BAD_REQUEST", exc.message)
+            return
+        slot = table.sandbox_slots.get(name)
+        sandbox = table.sandboxes[slot] if slot is not None else None
+        if sandbox is None:
+            self._reply("NOT_FOUND", f"Sandbox '{name}' is not known to this router")
+            return
+        if sandbox.stopped:
+            self._reply("STALE_PREVIEW_URL")
+            return
+        self.route_id = 0
+        self.sandbox = sandbox.name
+        self._dispatch(
+            (sandbox.name, (sandbox.upstream_host, port)), b"localhost:%d" % port
+        )
 
     def _dispatch(self, key: tuple[str, Address], host: bytes) -> None:
         head = self.head
@@ -460,13 +536,35 @@ class ClientConnection(asyncio.Protocol):
             self._request_body(rest)
 
     def _forwarded_for(self, head: Any) -> bytes:
-        peer = self.peer
-        extra = self.forwarded + b"X-Forwarded-Host: " + (head.host or b"") + b"\r\n"
+        peer = self.peer.encode()
+        host = head.host or b""
         if self.proxy.trusted and self._trusted():
-            prior = head.get(b"x-forwarded-for")
-            if prior:
-                return extra + b"X-Forwarded-For: %s, %s\r\n" % (prior, peer.encode())
-        return extra + b"X-Forwarded-For: " + peer.encode() + b"\r\n"
+            return self._forwarded_trusted(head, peer, host)
+        extra = self.forwarded + b"X-Forwarded-Host: " + host + b"\r\n"
+        return extra + b"X-Forwarded-For: " + peer + b"\r\n"
+
+    def _forwarded_trusted(self, head: Any, peer: bytes, host: bytes) -> bytes:
+        # SPEC §4: a trusted proxy in front (a TLS terminator, a balancer)
+        # knows the scheme, host and port the browser used, so its values
+        # are kept; the X-Forwarded-For chain (every line of it, RFC 9110
+        # §5.3) gets this peer appended.
+        chain = [v for n, v in head.headers if n.lower() == b"x-forwarded-for" and v]
+        chain.append(peer)
+        sockname = self.transport.get_extra_info("sockname") if self.transport else 0
+        port = b"%d" % sockname[1] if isinstance(sockname, tuple) else b"0"
+        return b"".join(
+            [
+                b"X-Forwarded-Proto: ",
+                head.get(b"x-forwarded-proto") or b"http",
+                b"\r\nX-Forwarded-Port: ",
+                head.get(b"x-forwarded-port") or port,
+                b"\r\nX-Forwarded-Host: ",
+                head.get(b"x-forwarded-host") or host,
+                b"\r\nX-Forwarded-For: ",
+                b", ".join(chain),
+                b"\r\n",
+            ]
+        )
 
     def _trusted(self) -> bool:
         try:
@@ -509,18 +607,28 @@ class ClientConnection(asyncio.Protocol):
             self.req_remaining = n - len(data)
             done = self.req_remaining == 0
         else:
+            max_body = self.proxy.max_body
             try:
-                used = self.req_framer.feed(data)
+                if max_body:
+                    # The limit is on payload bytes, not on the chunk-size
+                    # lines around them, so the payload is counted.
+                    used, pieces = self.req_framer.decode(data)
+                    self.req_remaining += sum(map(len, pieces))
+                else:
+                    used = self.req_framer.feed(data)
             except http.ParseError as exc:
                 self._fail(exc.code, exc.message)
                 return
-            self.req_remaining += used
-            if self.proxy.max_body and self.req_remaining > self.proxy.max_body:
+            if max_body and self.req_remaining > max_body:
                 self._fail("BODY_TOO_LARGE")
                 return
             if used < len(data):
                 data, self.buf = data[:used], data[used:]
             done = self.req_framer.done
+        if self.status == 0 and data:
+            # The response-head timeout runs from the last request byte: an
+            # upload slower than it is progress, not an upstream timeout.
+            self._arm(DL_RESPONSE, self.proxy.config.response_timeout)
         up = self.upstream
         if up is not None and up.transport is not None:
             if data:
@@ -564,6 +672,10 @@ class ClientConnection(asyncio.Protocol):
         self._request_finished()
 
     def _maybe_finish(self) -> None:
+        # No upstream yet but a held head means the connect is still under
+        # way: the request has not reached the sandbox, so it is not over.
+        if self.pending_body:
+            return
         if self.req_done and self.upstream is None and self.state == ACTIVE:
             self._request_finished()
 
@@ -572,6 +684,7 @@ class ClientConnection(asyncio.Protocol):
             self._log_access()
         self._unregister()
         self.head = None
+        self.sandbox = ""
         if not self.keep_alive or self.transport is None:
             self._close()
             return
@@ -629,6 +742,7 @@ class ClientConnection(asyncio.Protocol):
         self.keep_alive = not close
         self.req_done = True
         self.upstream = None
+        self.pending_body = []
         self._request_finished()
 
     def _fail(self, code: str, message: str | None = None) -> None:
@@ -686,7 +800,7 @@ class ClientConnection(asyncio.Protocol):
         """This connection's route was revoked while it was relaying."""
         if self.state == TUNNEL:
             if self.tunnel is not None:
-                self.tunnel.end(POLICY_VIOLATION, GOING_AWAY, "route revoked")
+                self.end_tunnel(POLICY_VIOLATION, GOING_AWAY, "route revoked")
             else:
                 self._close()
         elif self.state == ACTIVE:
@@ -701,6 +815,18 @@ class ClientConnection(asyncio.Protocol):
                 self._reply("INVALID_TOKEN", close=True)
             else:
                 self._arm(DL_GRACE, self.proxy.config.grace)
+
+    def end_tunnel(self, client_code: int, upstream_code: int, reason: str) -> None:
+        """Close this tunnel with close frames, or cut it after ``--grace``.
+
+        The close frames wait for the frames in flight to end; a peer that
+        stops halfway through a frame must not keep a revoked tunnel open,
+        so the sweeper cuts whatever is left when the grace period is over.
+        """
+        assert self.tunnel is not None
+        self.tunnel.end(client_code, upstream_code, reason)
+        if self.transport is not None and not self.transport.is_closing():
+            self._arm(DL_GRACE, self.proxy.config.grace)
 
     # -- flow control ----------------------------------------------------
 
@@ -790,6 +916,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self.state == TUNNEL:
             if client.tunnel is not None:
                 client.tunnel.from_upstream(data)
+                # Idle means no frames either way: a tunnel that only
+                # pushes to the client (a log tail, a feed) is in use.
+                if self.proxy.tunnel_idle:
+                    client.last_active = self.proxy.loop.time()
         elif self.state == ACTIVE:
             self._body(client, data)
         else:
@@ -817,7 +947,11 @@ class UpstreamConnection(asyncio.Protocol):
             if 100 <= status < 200 and status != 101:
                 # Interim answers (100 Continue, 103 Early Hints) pass
                 # through; the final head follows on the same connection.
-                client.transport.write(http.render_response(head, False))
+                # Never to an HTTP/1.0 client, which cannot read them (RFC
+                # 9110 §15.2).
+                request = client.head
+                if request is None or request.version != 10:
+                    client.transport.write(http.render_response(head, False))
                 continue
             break
 
@@ -902,18 +1036,19 @@ class UpstreamConnection(asyncio.Protocol):
     def _upgrade(self, client: ClientConnection, head: Any) -> None:
         assert client.transport is not None and self.transport is not None
         request = client.head
-        if request is not None and request.upgrade == b"websocket":
+        if request is None or request.upgrade is None:
+            # RFC 9110 §15.2.2: a server switches only to a protocol the
+            # client asked for; this client would read the new protocol's
+            # bytes as a response body.
+            self._bad_switch(client, "101 to a request without Upgrade")
+            return
+        if request.upgrade == b"websocket":
             # An upstream that answers 101 with the wrong accept key is not
             # speaking WebSocket to us (RFC 6455 §4.1): the browser would
             # fail the handshake anyway, so it gets a clear 502 instead.
             key = request.get(b"sec-websocket-key") or b""
             if head.get(b"sec-websocket-accept") != accept_key(key):
-                log.warning("upstream %s: 101 with a bad accept key", self.key[1])
-                self.client = None
-                client.upstream = None
-                self.close()
-                client.status = 0
-                client._upstream_failed("UPSTREAM_BAD_RESPONSE")
+                self._bad_switch(client, "101 with a bad accept key")
                 return
         client.transport.write(http.render_response(head, False))
         client.state = TUNNEL
@@ -931,6 +1066,14 @@ class UpstreamConnection(asyncio.Protocol):
         if client.buf:
             tunnel.from_client(client.buf)
             client.buf = b""
+
+    def _bad_switch(self, client: ClientConnection, why: str) -> None:
+        log.warning("upstream %s: %s", self.key[1], why)
+        self.client = None
+        client.upstream = None
+        self.close()
+        client.status = 0
+        client._upstream_failed("UPSTREAM_BAD_RESPONSE")
 
     def _abort(self, client: ClientConnection) -> None:
         self.client = None
@@ -987,6 +1130,12 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+def _factory(up: UpstreamConnection) -> Callable[[], UpstreamConnection]:
+    # The loop wants a protocol factory; the caller keeps the one protocol
+    # it hands out, to use once the connect succeeds.
+    return lambda: up
 
 
 def _drop_transfer_encoding(head: bytes) -> bytes:

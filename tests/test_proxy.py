@@ -1,0 +1,774 @@
+"""The router's own answers (SPEC §3), Host matching (§1) and forwarding (§4).
+
+Every test runs a real ``Service`` on 127.0.0.1 (``RouterThread``) in front
+of real upstream servers, and talks to it with real clients: raw sockets
+where the exact bytes matter, ``http.client`` and curl elsewhere.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from harness import (
+    Peer,
+    RouterThread,
+    ScriptedUpstream,
+    Wire,
+    answer_with,
+    free_port,
+    request_bytes,
+    router_factory,
+    upstream,
+)
+
+INVALID_TOKEN_MESSAGE = "Access denied: Invalid token or port not exposed"
+
+MakeRouter = Callable[..., RouterThread]
+
+
+@pytest.fixture
+def make_router() -> Iterator[MakeRouter]:
+    with router_factory() as make:
+        yield make
+
+
+def get(router: RouterThread, host: str, path: str = "/", **kw: Any) -> Any:
+    """One request on a fresh connection; the parsed response."""
+    with Wire(router.port) as wire:
+        wire.send(request_bytes(host, path, **kw))
+        return wire.response(head_request=kw.get("method") == "HEAD")
+
+
+def assert_answer(response: Any, status: int, code: str) -> dict[str, Any]:
+    """The shape every answer of SPEC §3 has."""
+    assert response.status == status, response
+    assert response.get("Content-Type") == "application/json", response
+    body = response.json()
+    assert set(body) == {"error", "code"}, body
+    assert body["code"] == code
+    assert isinstance(body["error"], str) and body["error"]
+    return dict(body)
+
+
+def recorded_headers(seen: dict[str, Any]) -> dict[str, list[str]]:
+    """What a ``Recorder`` upstream received, by lower-case name."""
+    out: dict[str, list[str]] = {}
+    for name, value in seen["headers"]:
+        out.setdefault(name.lower(), []).append(value)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# SPEC §3: the answers
+
+
+def test_not_a_preview_host_is_404_not_found(make_router: MakeRouter) -> None:
+    router = make_router()
+    for host in ("example.com", "localhost", f"localhost:{router.port}"):
+        assert_answer(get(router, host), 404, "NOT_FOUND")
+
+
+def test_invalid_token_never_says_which_part_was_wrong(
+    make_router: MakeRouter,
+) -> None:
+    router = make_router()
+    with upstream() as up, upstream() as other:
+        good = router.expose("sb", up.port, token="tok")
+        router.expose("sb", other.port, token="tok2")
+        router.expose("gone", other.port, token="tok")
+        router.commit({"op": "unexpose_port", "sandbox": "sb", "port": other.port})
+        router.commit({"op": "destroy_sandbox", "sandbox": "gone"})
+        domain = router.host(good).split(".", 1)[1]
+        hosts = {
+            "unknown label": f"9999-nobody-abc.{domain}",
+            "wrong token": f"{up.port}-sb-wrong.{domain}",
+            "unexposed": f"{other.port}-sb-tok2.{domain}",
+            "destroyed": f"{other.port}-gone-tok.{domain}",
+        }
+        bodies = set()
+        for case, host in hosts.items():
+            response = get(router, host)
+            body = assert_answer(response, 404, "INVALID_TOKEN")
+            assert body["error"] == INVALID_TOKEN_MESSAGE, case
+            bodies.add(response.body)
+        # Byte-identical whatever was wrong.
+        assert len(bodies) == 1
+        assert get(router, router.host(good)).status == 200
+        assert len(up.seen) == 1 and not other.seen
+
+
+def test_stopped_sandbox_is_410(make_router: MakeRouter) -> None:
+    router = make_router()
+    with upstream() as up:
+        exposed = router.expose("sb", up.port)
+        router.commit({"op": "set_sandbox", "sandbox": "sb", "state": "stopped"})
+        assert_answer(get(router, router.host(exposed)), 410, "STALE_PREVIEW_URL")
+        router.commit({"op": "set_sandbox", "sandbox": "sb", "state": "running"})
+        assert get(router, router.host(exposed)).status == 200
+
+
+def test_nothing_listening_is_502_unavailable(make_router: MakeRouter) -> None:
+    router = make_router(retry_window=0.3)
+    exposed = router.expose("sb", free_port())
+    assert_answer(get(router, router.host(exposed)), 502, "UPSTREAM_UNAVAILABLE")
+
+
+def test_port_that_starts_inside_the_retry_window_is_served(
+    make_router: MakeRouter,
+) -> None:
+    router = make_router(retry_window=3.0)
+    port = free_port()
+    exposed = router.expose("sb", port)
+    result: list[Any] = []
+    client = threading.Thread(
+        target=lambda: result.append(get(router, router.host(exposed)))
+    )
+    client.start()
+    # The request is waiting on refused connects when the port opens.
+    time.sleep(0.4)
+    with ScriptedUpstream(answer_with(OK_RESPONSE), port=port):
+        client.join(10)
+    assert result and result[0].status == 200
+    assert result[0].body == b"ok"
+
+
+OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def test_upstream_that_never_answers_is_504(make_router: MakeRouter) -> None:
+    router = make_router(response_timeout=0.3)
+
+    def silent(peer: Peer) -> None:
+        peer.read_head()
+        # Hold the connection open until the router gives up on it.
+        peer.closed_within(8)
+
+    with ScriptedUpstream(silent) as up:
+        exposed = router.expose("sb", up.port)
+        started = time.monotonic()
+        with Wire(router.port, timeout=8) as wire:
+            wire.send(request_bytes(router.host(exposed)))
+            assert_answer(wire.response(), 504, "UPSTREAM_TIMEOUT")
+        # The sweeper wakes once a second: 0.3 s becomes at most ~1.3 s.
+        assert time.monotonic() - started < 5
+        assert len(up.heads) == 1
+
+
+def test_upstream_closing_before_a_head_is_502_closed(
+    make_router: MakeRouter,
+) -> None:
+    router = make_router()
+
+    def hang_up(peer: Peer) -> None:
+        peer.read_head()
+
+    with ScriptedUpstream(hang_up) as up:
+        exposed = router.expose("sb", up.port)
+        assert_answer(get(router, router.host(exposed)), 502, "UPSTREAM_CLOSED")
+
+    def half_a_head(peer: Peer) -> None:
+        peer.read_head()
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Le")
+
+    with ScriptedUpstream(half_a_head) as up:
+        exposed = router.expose("sb", up.port)
+        assert_answer(get(router, router.host(exposed)), 502, "UPSTREAM_CLOSED")
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        b"GET / HTTP/1.1\r\nHost: x.localhost\r\nBad Header: 1\r\n\r\n",
+        b"GET\r\n\r\n",
+        b"GET / HTTP/2.0\r\nHost: x.localhost\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x.localhost\r\nX: a\r\n b\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x.localhost\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x.localhost\r\nContent-Length: -1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x.localhost\r\nX: \x00\r\n\r\n",
+    ],
+    ids=[
+        "space-in-name",
+        "no-target",
+        "http2",
+        "obs-fold",
+        "cl-and-te",
+        "neg-cl",
+        "nul",
+    ],
+)
+def test_malformed_request_is_400(make_router: MakeRouter, request_: bytes) -> None:
+    router = make_router()
+    with Wire(router.port) as wire:
+        wire.send(request_)
+        assert_answer(wire.response(), 400, "BAD_REQUEST")
+        # The stream cannot be trusted after a bad message: the router closes.
+        assert wire.closed_within(3)
+
+
+def test_head_over_max_head_is_431(make_router: MakeRouter) -> None:
+    router = make_router(max_head=4096)
+    with upstream() as up:
+        host = router.host(router.expose("sb", up.port))
+        big = request_bytes(host, headers=[("X-Big", "a" * 5000)])
+        with Wire(router.port) as wire:
+            wire.send(big)
+            assert_answer(wire.response(), 431, "HEADERS_TOO_LARGE")
+        # Sent in pieces, never completed: refused once past the limit.
+        with Wire(router.port) as wire:
+            wire.send(big[:3000])
+            time.sleep(0.1)
+            wire.send(b"X-More: " + b"b" * 3000)
+            assert_answer(wire.response(), 431, "HEADERS_TOO_LARGE")
+        assert not up.seen
+
+
+def test_body_over_max_body_is_413(make_router: MakeRouter) -> None:
+    router = make_router(max_body=1000)
+    with upstream() as up:
+        host = router.host(router.expose("sb", up.port))
+        # Announced by Content-Length: refused before anything goes upstream.
+        with Wire(router.port) as wire:
+            wire.send(request_bytes(host, method="POST", body=b"x" * 5000))
+            assert_answer(wire.response(), 413, "BODY_TOO_LARGE")
+            assert wire.closed_within(3)
+        assert not up.seen
+        # Chunked: refused once the running total passes the limit.
+        with Wire(router.port) as wire:
+            wire.send(
+                request_bytes(
+                    host, method="POST", headers=[("Transfer-Encoding", "chunked")]
+                )
+            )
+            wire.send(b"400\r\n" + b"y" * 1024 + b"\r\n")
+            assert_answer(wire.response(), 413, "BODY_TOO_LARGE")
+            assert wire.closed_within(3)
+        # At the limit is fine, with either framing: the limit counts
+        # payload bytes, not the chunk-size lines around them.
+        with Wire(router.port) as wire:
+            wire.send(request_bytes(host, method="POST", body=b"z" * 1000))
+            response = wire.response()
+            assert response.status == 200
+            assert response.json()["body"] == "z" * 1000
+        with ScriptedUpstream(chunked_sink) as sink:
+            host = router.host(router.expose("sb", sink.port))
+            with Wire(router.port) as wire:
+                wire.send(
+                    request_bytes(
+                        host, method="POST", headers=[("Transfer-Encoding", "chunked")]
+                    )
+                )
+                wire.send(b"1f4\r\n" + b"a" * 500 + b"\r\n")
+                wire.send(b"1f4\r\n" + b"b" * 500 + b"\r\n0\r\n\r\n")
+                response = wire.response()
+                assert response.status == 200 and response.body == b"1000"
+
+
+def chunked_sink(peer: Peer) -> None:
+    """Read chunked requests and answer each with its payload size."""
+    while peer.read_head():
+        size = 0
+        while True:
+            line = b""
+            while not line.endswith(b"\r\n"):
+                line += peer.read_exact(1)
+            length = int(line, 16)
+            if length == 0:
+                peer.read_exact(2)
+                break
+            size += len(peer.read_exact(length))
+            peer.read_exact(2)
+        out = str(size).encode()
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(out) + out)
+
+
+def test_drain_answers_503_with_connection_close(make_router: MakeRouter) -> None:
+    router = make_router(grace=5.0)
+    release = threading.Event()
+
+    def slow(peer: Peer) -> None:
+        while peer.read_request() is not None:
+            release.wait(5)
+            peer.send(OK_RESPONSE)
+
+    with ScriptedUpstream(slow) as up:
+        host = router.host(router.expose("sb", up.port))
+        with Wire(router.port) as wire:
+            # Two pipelined requests; the drain starts while the first is
+            # with the upstream, so the second arrives during the drain.
+            wire.send(request_bytes(host, "/1") + request_bytes(host, "/2"))
+            deadline = time.monotonic() + 5
+            while not up.heads and time.monotonic() < deadline:
+                time.sleep(0.01)
+            drained = router.begin_drain()
+            time.sleep(0.1)
+            release.set()
+            first = wire.response()
+            assert first.status == 200 and first.body == b"ok"
+            second = wire.response()
+            assert_answer(second, 503, "SHUTTING_DOWN")
+            assert second.get("Connection") == "close"
+            assert wire.closed_within(3)
+        drained.result(10)
+        assert len(up.heads) == 1
+
+
+# ---------------------------------------------------------------------------
+# SPEC §1: Host matching
+
+
+def test_host_matching_forms(make_router: MakeRouter) -> None:
+    router = make_router(domain=["preview.test", "localhost"])
+    with upstream() as up:
+        exposed = router.expose("sb", up.port, token="tok")
+        label = f"{up.port}-sb-tok"
+        for host in (
+            f"{label}.preview.test",
+            f"{label}.PREVIEW.TEST",
+            f"{label.upper()}.Preview.Test",
+            f"{label}.preview.test.",
+            f"{label}.preview.test:{router.port}",
+            f"{label}.preview.test.:{router.port}",
+            f"{label}.preview.test:",
+            f"{label}.localhost",
+            router.host(exposed),
+        ):
+            response = get(router, host)
+            assert response.status == 200, host
+        assert len(up.seen) == 9
+
+        for host in (
+            f"deeper.{label}.preview.test",
+            f"{label}.preview.test.evil",
+            f"{label}.other.test",
+            f"{label}.preview.test..",
+            # Only the last ``:digits`` is a port; what is left is no label.
+            f"{label}.preview.test:80:80",
+            "preview.test",
+            "127.0.0.1",
+            "[::1]:80",
+        ):
+            assert_answer(get(router, host), 404, "NOT_FOUND")
+
+        for host in (
+            f"{label}.preview.test:http",
+            f"{label}.preview.test: 80",
+            "[::1]x",
+        ):
+            assert_answer(get(router, host), 400, "BAD_REQUEST")
+        assert len(up.seen) == 9
+
+
+def test_missing_or_repeated_host_is_400(make_router: MakeRouter) -> None:
+    router = make_router()
+    with upstream() as up:
+        host = router.host(router.expose("sb", up.port))
+        cases = [
+            b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n",
+            f"GET / HTTP/1.1\r\nHost: {host}\r\nHost: {host}\r\n\r\n".encode(),
+            f"GET / HTTP/1.1\r\nHost: {host}\r\nhost: other.localhost\r\n\r\n".encode(),
+            # Absolute-form whose authority disagrees with Host.
+            f"GET http://other.localhost/ HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(),
+        ]
+        for case in cases:
+            with Wire(router.port) as wire:
+                wire.send(case)
+                assert_answer(wire.response(), 400, "BAD_REQUEST")
+        # Absolute-form that agrees is routed.
+        with Wire(router.port) as wire:
+            wire.send(
+                f"GET http://{host}/abs HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+            )
+            assert wire.response().status == 200
+        assert len(up.seen) == 1
+
+
+def test_fallback_upstream_takes_what_is_not_a_preview_host(
+    make_router: MakeRouter,
+) -> None:
+    with upstream() as fallback, upstream() as up:
+        router = make_router(fallback=f"127.0.0.1:{fallback.port}")
+        host = router.host(router.expose("sb", up.port, token="tok"))
+        label = f"{up.port}-sb-tok"
+        for other in ("example.com", f"deeper.{label}.localhost", "localhost"):
+            response = get(router, other, "/fb")
+            assert response.status == 200, other
+        assert [recorded_headers(s)["host"] for s in fallback.seen] == [
+            ["example.com"],
+            [f"deeper.{label}.localhost"],
+            ["localhost"],
+        ]
+        # Preview hosts still go by the table, wrong tokens included.
+        assert get(router, host).status == 200
+        wrong = host.replace("-tok.", "-bad.")
+        assert_answer(get(router, wrong), 404, "INVALID_TOKEN")
+        assert len(up.seen) == 1 and len(fallback.seen) == 3
+
+
+# ---------------------------------------------------------------------------
+# SPEC §4: forwarding
+
+
+def test_host_rewrite_and_preserve(make_router: MakeRouter) -> None:
+    router = make_router()
+    with upstream() as up, upstream() as kept:
+        rewritten = router.host(router.expose("sb", up.port))
+        preserved = router.host(router.expose("sb", kept.port, host="preserve"))
+        shouted = preserved.upper()
+        get(router, rewritten)
+        get(router, shouted)
+        assert recorded_headers(up.seen[0])["host"] == [f"localhost:{up.port}"]
+        assert recorded_headers(kept.seen[0])["host"] == [shouted]
+        # X-Forwarded-Host is the Host exactly as received, either way.
+        assert recorded_headers(up.seen[0])["x-forwarded-host"] == [rewritten]
+        assert recorded_headers(kept.seen[0])["x-forwarded-host"] == [shouted]
+
+
+def test_host_rewrite_names_the_exposed_port_not_the_target(
+    make_router: MakeRouter,
+) -> None:
+    router = make_router()
+    with upstream() as up:
+        port = free_port()
+        host = router.host(router.expose("sb", port, target=f"127.0.0.1:{up.port}"))
+        assert get(router, host).status == 200
+        assert recorded_headers(up.seen[0])["host"] == [f"localhost:{port}"]
+
+
+SPOOFED = [
+    ("X-Forwarded-For", "203.0.113.9"),
+    ("X-Forwarded-Proto", "https"),
+    ("X-Forwarded-Host", "spoofed.example"),
+    ("X-Forwarded-Port", "443"),
+    ("x-forwarded-for", "198.51.100.7"),
+]
+
+
+def test_forwarded_headers_are_set_and_spoofs_replaced(
+    make_router: MakeRouter,
+) -> None:
+    router = make_router()
+    with upstream() as up:
+        host = router.host(router.expose("sb", up.port))
+        get(router, host)
+        get(router, host, headers=SPOOFED)
+        for seen in up.seen:
+            headers = recorded_headers(seen)
+            assert headers["x-forwarded-for"] == ["127.0.0.1"]
+            assert headers["x-forwarded-proto"] == ["http"]
+            assert headers["x-forwarded-host"] == [host]
+            assert headers["x-forwarded-port"] == [str(router.port)]
+
+
+def test_trusted_proxy_values_are_kept_and_appended(
+    make_router: MakeRouter,
+) -> None:
+    router = make_router(trusted_proxy=["127.0.0.0/8"])
+    with upstream() as up:
+        host = router.host(router.expose("sb", up.port))
+        get(router, host, headers=SPOOFED[:4])
+        headers = recorded_headers(up.seen[0])
+        assert headers["x-forwarded-for"] == ["203.0.113.9, 127.0.0.1"]
+        assert headers["x-forwarded-proto"] == ["https"]
+        assert headers["x-forwarded-host"] == ["spoofed.example"]
+        assert headers["x-forwarded-port"] == ["443"]
+        # Two X-Forwarded-For lines are one list (RFC 9110 §5.3).
+        get(router, host, headers=[SPOOFED[0], SPOOFED[4]])
+        headers = recorded_headers(up.seen[1])
+        assert headers["x-forwarded-for"] == ["203.0.113.9, 198.51.100.7, 127.0.0.1"]
+        # Without client values the router's own are set.
+        get(router, host)
+        headers = recorded_headers(up.seen[2])
+        assert headers["x-forwarded-for"] == ["127.0.0.1"]
+        assert headers["x-forwarded-proto"] == ["http"]
+        assert headers["x-forwarded-host"] == [host]
+        assert headers["x-forwarded-port"] == [str(router.port)]
+
+
+def test_untrusted_peer_gets_no_trust(make_router: MakeRouter) -> None:
+    router = make_router(trusted_proxy=["10.0.0.0/8"])
+    with upstream() as up:
+        host = router.host(router.expose("sb", up.port))
+        get(router, host, headers=SPOOFED[:4])
+        headers = recorded_headers(up.seen[0])
+        assert headers["x-forwarded-for"] == ["127.0.0.1"]
+        assert headers["x-forwarded-proto"] == ["http"]
+        assert headers["x-forwarded-host"] == [host]
+
+
+def test_hop_by_hop_request_headers_stay_on_their_hop(
+    make_router: MakeRouter,
+) -> None:
+    router = make_router()
+    with ScriptedUpstream(answer_with(OK_RESPONSE)) as up:
+        host = router.host(router.expose("sb", up.port))
+        get(
+            router,
+            host,
+            headers=[
+                ("Connection", "keep-alive, X-Hop-One, x-hop-two"),
+                ("X-Hop-One", "1"),
+                ("X-HOP-TWO", "2"),
+                ("Keep-Alive", "timeout=5"),
+                ("Proxy-Connection", "keep-alive"),
+                ("TE", "trailers"),
+                ("X-End-To-End", "3"),
+            ],
+        )
+        head = up.heads[0].lower()
+        for name in (b"connection", b"x-hop-one", b"x-hop-two", b"keep-alive"):
+            assert b"\r\n" + name + b":" not in head, name
+        assert b"\r\nproxy-connection:" not in head
+        assert b"\r\nte:" not in head
+        assert b"\r\nx-end-to-end: 3\r\n" in head
+
+
+def test_hop_by_hop_response_headers_stay_on_their_hop(
+    make_router: MakeRouter,
+) -> None:
+    router = make_router()
+    response = (
+        b"HTTP/1.1 200 OK\r\n"
+        b"Connection: X-Up-Hop\r\n"
+        b"X-Up-Hop: secret\r\n"
+        b"Keep-Alive: timeout=5, max=100\r\n"
+        b"Proxy-Connection: keep-alive\r\n"
+        b"X-Stays: yes\r\n"
+        b"Content-Length: 2\r\n\r\nok"
+    )
+    with ScriptedUpstream(answer_with(response)) as up:
+        host = router.host(router.expose("sb", up.port))
+        got = get(router, host)
+        assert got.status == 200 and got.body == b"ok"
+        names = {k.lower() for k, _ in got.headers}
+        assert not names & {b"x-up-hop", b"keep-alive", b"proxy-connection"}
+        assert got.get("Connection") is None
+        assert got.get("X-Stays") == "yes"
+
+
+def test_end_to_end_request_headers_pass_byte_exact(make_router: MakeRouter) -> None:
+    router = make_router()
+    with ScriptedUpstream(answer_with(OK_RESPONSE)) as up:
+        host = router.host(router.expose("sb", up.port))
+        lines = [
+            b"Authorization: Bearer abc.DEF-123",
+            b'Cookie: a=1; B=two; session="x y"',
+            b"Origin: https://app.example",
+            b"x-MiXeD-CaSe:   spaced  value\t",
+            b"Accept-Encoding: gzip, br",
+            b"X-Repeat: one",
+            b"X-Repeat: two",
+            b"Access-Control-Request-Method: PUT",
+        ]
+        raw = (
+            f"POST /p?q=1&r=%20 HTTP/1.1\r\nHost: {host}\r\n".encode()
+            + b"\r\n".join(lines)
+            + b"\r\nContent-Length: 4\r\n\r\nbody"
+        )
+        with Wire(router.port) as wire:
+            wire.send(raw)
+            assert wire.response().status == 200
+        head = up.heads[0]
+        assert head.startswith(b"POST /p?q=1&r=%20 HTTP/1.1\r\n")
+        # Each line unchanged (value whitespace trimmed as RFC 9112 §5 says
+        # a field value is), in the order sent.
+        trimmed = [ln.rstrip(b" \t").replace(b":   ", b": ") for ln in lines]
+        positions = [head.index(b"\r\n" + ln + b"\r\n") for ln in trimmed]
+        assert positions == sorted(positions)
+
+
+def test_end_to_end_response_headers_pass_byte_exact(make_router: MakeRouter) -> None:
+    router = make_router()
+    response = (
+        b"HTTP/1.1 307 Temporary Redirect\r\n"
+        b"Location: http://localhost:5173/elsewhere?x=1\r\n"
+        b"Set-Cookie: a=1; Path=/; HttpOnly\r\n"
+        b"Set-Cookie: b=2; Domain=example.com; SameSite=None; Secure\r\n"
+        b"set-cookie: c=3\r\n"
+        b"Access-Control-Allow-Origin: https://app.example\r\n"
+        b"Access-Control-Allow-Credentials: true\r\n"
+        b"X-Custom-CASE: Value\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
+    with ScriptedUpstream(answer_with(response)) as up:
+        host = router.host(router.expose("sb", up.port))
+        with Wire(router.port) as wire:
+            wire.send(request_bytes(host, headers=[("Accept-Encoding", "gzip")]))
+            got = wire.response()
+        assert got.status == 307 and got.reason == b"Temporary Redirect"
+        expected = response.split(b"\r\n")[1:-3]
+        assert got.head.split(b"\r\n")[1 : 1 + len(expected)] == expected
+        # Nothing added: no CORS, no compression, no redirect followed.
+        assert got.get_all("Access-Control-Allow-Origin") == ["https://app.example"]
+        assert got.get("Content-Encoding") is None
+        assert len(up.heads) == 1
+
+        # curl sees the redirect as sent and (without -L) does not follow it.
+        out = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "-i",
+                "--max-time",
+                "5",
+                "-H",
+                f"Host: {host}",
+                f"http://127.0.0.1:{router.port}/",
+            ],
+            capture_output=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        assert b"\r\nLocation: http://localhost:5173/elsewhere?x=1\r\n" in out
+        assert out.lower().count(b"\r\nset-cookie: ") == 3
+        assert len(up.heads) == 2
+
+
+def test_http_client_round_trip(make_router: MakeRouter) -> None:
+    router = make_router()
+    with upstream() as up:
+        host = router.host(router.expose("sb", up.port))
+        conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=5)
+        try:
+            for i in range(3):
+                conn.request("PUT", f"/item/{i}", body=b"v" * i, headers={"Host": host})
+                response = conn.getresponse()
+                seen = json.loads(response.read())
+                assert response.status == 200
+                assert seen["path"] == f"/item/{i}" and seen["body"] == "v" * i
+            sock = conn.sock
+            assert sock is not None
+            # One connection for all three (keep-alive to the client).
+            assert sock.fileno() >= 0
+        finally:
+            conn.close()
+
+
+def test_upstream_pool_is_per_sandbox(make_router: MakeRouter) -> None:
+    router = make_router()
+    peers: list[tuple[int, int]] = []
+
+    def note(peer: Peer) -> None:
+        while peer.read_request() is not None:
+            peers.append(peer.sock.getpeername())
+            peer.send(OK_RESPONSE)
+
+    with ScriptedUpstream(note) as up:
+        one = router.host(router.expose("one", up.port))
+        two = router.host(router.expose("two", up.port))
+        for host in (one, one, two, two, one):
+            assert get(router, host).status == 200
+        by_sandbox: dict[str, set[Any]] = {}
+        for host, peer in zip((one, one, two, two, one), peers, strict=True):
+            by_sandbox.setdefault(host, set()).add(peer)
+        # Pooled: each sandbox reuses its own upstream connection, and no
+        # connection ever carries requests of both.
+        assert not by_sandbox[one] & by_sandbox[two]
+        assert up.connections == 2
+
+
+def test_answers_on_later_requests_of_a_kept_alive_connection(
+    make_router: MakeRouter,
+) -> None:
+    # Each failure comes after a successful request on the same connection:
+    # what the router answers must not depend on what came before.
+    router = make_router(response_timeout=0.3, retry_window=0.2)
+
+    def silent(peer: Peer) -> None:
+        peer.read_head()
+        peer.closed_within(8)
+
+    def hang_up(peer: Peer) -> None:
+        peer.read_head()
+
+    with (
+        ScriptedUpstream(answer_with(OK_RESPONSE)) as ok,
+        ScriptedUpstream(silent) as quiet,
+        ScriptedUpstream(hang_up) as rude,
+    ):
+        good = router.host(router.expose("sb", ok.port))
+        cases = [
+            (router.host(router.expose("sb", quiet.port)), 504, "UPSTREAM_TIMEOUT"),
+            (router.host(router.expose("sb", rude.port)), 502, "UPSTREAM_CLOSED"),
+            (
+                router.host(router.expose("sb", free_port())),
+                502,
+                "UPSTREAM_UNAVAILABLE",
+            ),
+        ]
+        with Wire(router.port, timeout=8) as wire:
+            for host, status, code in cases:
+                wire.send(request_bytes(good))
+                assert wire.response().body == b"ok"
+                wire.send(request_bytes(host))
+                assert_answer(wire.response(), status, code)
+            wire.send(request_bytes(good))
+            assert wire.response().body == b"ok"
+
+
+def test_pooled_connection_closed_by_the_upstream_is_retried(
+    make_router: MakeRouter,
+) -> None:
+    router = make_router()
+
+    def one_and_done(peer: Peer) -> None:
+        # Keep-alive in name only: the upstream closes after each answer,
+        # racing the router's reuse of the pooled connection.
+        if peer.read_request() is not None:
+            peer.send(OK_RESPONSE)
+
+    with ScriptedUpstream(one_and_done) as up:
+        host = router.host(router.expose("sb", up.port))
+        with Wire(router.port) as wire:
+            for _ in range(30):
+                wire.send(request_bytes(host))
+                assert wire.response().body == b"ok"
+        assert up.connections >= 30
+
+
+def test_first_request_with_a_body_reaches_a_new_upstream(
+    make_router: MakeRouter,
+) -> None:
+    # Head and body in one packet, and no pooled connection yet: the whole
+    # request is in hand before the upstream connect completes.
+    router = make_router()
+    with upstream() as up:
+        for i in range(5):
+            host = router.host(router.expose(f"sb{i}", up.port))
+            with Wire(router.port) as wire:
+                wire.send(request_bytes(host, f"/{i}", method="POST", body=b"b" * 100))
+                response = wire.response()
+                assert response.status == 200
+                assert response.json()["body"] == "b" * 100
+
+
+def test_absolute_form_goes_upstream_in_origin_form(make_router: MakeRouter) -> None:
+    router = make_router()
+    with ScriptedUpstream(answer_with(OK_RESPONSE)) as up:
+        host = router.host(router.expose("sb", up.port))
+        # RFC 9112 §3.2.1: a request to an origin server is in origin-form.
+        with Wire(router.port) as wire:
+            wire.send(
+                f"GET http://{host}/abs?q=1 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+            )
+            assert wire.response().status == 200
+        assert up.heads[0].startswith(b"GET /abs?q=1 HTTP/1.1\r\n")
+
+
+def test_idle_keep_alive_connection_is_closed(make_router: MakeRouter) -> None:
+    router = make_router(idle_timeout=0.5)
+    with upstream() as up:
+        host = router.host(router.expose("sb", up.port))
+        with Wire(router.port) as wire:
+            wire.send(request_bytes(host))
+            assert wire.response().status == 200
+            # 0.5 s, checked by the once-a-second sweep.
+            assert wire.closed_within(4)
+            assert wire.buf == b""
