@@ -11,6 +11,7 @@ get 503 ``SHUTTING_DOWN``.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
@@ -53,11 +54,23 @@ class Service:
         self.stopping = asyncio.Event()
         self.public_port = 0
         self.demo_url: str | None = None
+        self.internal_proxy: Proxy | None = None
+        # The bound port of a TCP --internal listener (0 for unix:PATH), so
+        # that ``--internal 127.0.0.1:0`` can be used and found.
+        self.internal_port = 0
 
     async def start(self) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
         host, port = split_hostport(config.listen, "--listen")
+        if config.workers != 1:
+            # The flag is part of the fixed interface (SPEC §7), but worker
+            # processes that follow the table over the watch stream are not
+            # built yet; refusing beats silently running one process.
+            raise RouterError(
+                f"--workers {config.workers}: only one worker process is "
+                "supported in this version"
+            )
 
         # 1. The table, from the store when there is one.
         router = self.router = Router(config, public_port=port or None)
@@ -77,13 +90,35 @@ class Service:
                 router.table.domains[0], self.public_port
             )
 
-        # 3. The control socket.
+        # 3. The trusted internal entry, loopback or a Unix socket only.
+        if config.internal:
+            inner = Proxy(config, router.table.forwarding, loop, internal=True)
+            router.watchers.add(inner.on_change)
+            inner.start()
+            self.internal_proxy = inner
+            if config.internal.startswith("unix:"):
+                server = await loop.create_unix_server(
+                    inner.protocol, config.internal[5:]
+                )
+            else:
+                ihost, iport = split_hostport(config.internal, "--internal")
+                if not _is_loopback(ihost):
+                    raise RouterError(
+                        "--internal must be a loopback address or unix:PATH, "
+                        f"not {ihost}"
+                    )
+                server = await loop.create_server(inner.protocol, ihost, iport)
+                self.internal_port = server.sockets[0].getsockname()[1]
+            self.servers.append(server)
+            log.info("internal entry listening on %s", config.internal)
+
+        # 4. The control socket.
         if config.control or config.control_tcp:
             from .control_server import start_control
 
             self.control = await start_control(router, config)
 
-        # 4. The demo, when nothing else tells the router what to serve.
+        # 5. The demo, when nothing else tells the router what to serve.
         demo = config.demo
         if demo is None:
             demo = not (config.state or config.control or config.control_tcp)
@@ -120,24 +155,33 @@ class Service:
         """Stop accepting, let requests in flight finish, then close."""
         log.info("draining")
         proxy = self.proxy
+        # The internal entry drains like the public one (``begin_drain``
+        # below): its tunnels get 1001, not the 1008 of a revoked route.
         for server in self.servers:
             server.close()
         if self.control is not None:
             await self.control.close()
-        if proxy is not None:
-            proxy.draining = True
-            for conn in list(proxy.clients):
-                if conn.state == 0 and not conn.buf:
-                    conn._close()
-            deadline = asyncio.get_running_loop().time() + self.config.grace
-            while proxy.clients and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.05)
-            for conn in list(proxy.clients):
-                conn._close()
-            proxy.stop()
+        proxies = [p for p in (proxy, self.internal_proxy) if p is not None]
+        for p in proxies:
+            p.begin_drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.grace
+        while any(p.clients for p in proxies) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for p in proxies:
+            p.stop()
         if self.router is not None:
             self.router.close()
         log.info("stopped")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _local_hostname(domain: str, port: int) -> str:
