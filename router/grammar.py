@@ -75,7 +75,9 @@ def check_sandbox(sandbox: object) -> str:
             "INVALID_SANDBOX_ID",
             f"Sandbox id is {len(lowered)} characters; the limit is {MAX_SANDBOX}",
         )
-    if not lowered.isascii() or not _SANDBOX_RE.fullmatch(lowered):
+    # Check the id as given: str.lower() folds a few non-ASCII letters to
+    # ASCII (U+212A KELVIN SIGN becomes "k").
+    if not sandbox.isascii() or not _SANDBOX_RE.fullmatch(lowered):
         raise RouteError(
             "INVALID_SANDBOX_ID",
             f"Sandbox id {sandbox!r} may hold only a-z, 0-9 and '-', "
@@ -138,7 +140,7 @@ def check_hostname(hostname: object, domains: tuple[str, ...]) -> str:
     if not isinstance(hostname, str) or not hostname:
         raise RouteError("INVALID_HOSTNAME", "Hostname must be a non-empty string")
     lowered = hostname.lower().rstrip(".")
-    if not lowered.isascii() or not _HOSTNAME_RE.fullmatch(lowered):
+    if not hostname.isascii() or not _HOSTNAME_RE.fullmatch(lowered):
         raise RouteError("INVALID_HOSTNAME", f"Hostname {hostname!r} is not valid")
     name, _, port = lowered.partition(":")
     if port and not 1 <= int(port) <= 65535:

@@ -236,6 +236,11 @@ class RouteTable:
                 if atomic_index:
                     exc.index = i
                 raise
+            except Exception:
+                # A malformed op (one the control layer should have refused)
+                # must not leave the ops before it applied.
+                self.rollback(txn)
+                raise
         if not txn.changes:
             txn.version = self.version
         return txn
@@ -571,6 +576,7 @@ class ForwardingTable:
         self.targets: list[tuple[str, int] | str | None] = [None]
         self.target_slots: dict[str, int] = {}
         self.target_refs: list[int] = [0]
+        self._free_target_slots: list[int] = []
 
     def apply(self, rec: Record) -> None:
         op = rec["op"]
@@ -629,17 +635,17 @@ class ForwardingTable:
     def _target_slot(self, target: str) -> int:
         slot = self.target_slots.get(target)
         if slot is None:
-            slot = len(self.targets)
-            for i in range(1, len(self.targets)):
-                if self.targets[i] is None:
-                    slot = i
-                    break
             parsed = parse_target(target)
-            if slot == len(self.targets):
+            # Free slots are reused last-freed first, as for sandboxes: the
+            # undo records of a refused batch then give every slot back as
+            # it was, and a follower replaying the changes numbers them alike.
+            if self._free_target_slots:
+                slot = self._free_target_slots.pop()
+                self.targets[slot] = parsed
+            else:
+                slot = len(self.targets)
                 self.targets.append(parsed)
                 self.target_refs.append(0)
-            else:
-                self.targets[slot] = parsed
             self.target_slots[target] = slot
         self.target_refs[slot] += 1
         return slot
@@ -650,6 +656,7 @@ class ForwardingTable:
         self.target_refs[slot] -= 1
         if self.target_refs[slot] == 0:
             self.targets[slot] = None
+            self._free_target_slots.append(slot)
             self.target_slots = {
                 t: s for t, s in self.target_slots.items() if s != slot
             }

@@ -57,10 +57,24 @@ class Store:
             raise StoreError(
                 f"Route store {path}: directory {directory} does not exist"
             )
+        db = None
         try:
             # The control layer serialises writers and hands commits to a
             # thread, so the connection is shared across threads on purpose.
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # Tables but no ``meta``: another program's database, given by a
+            # mistaken --state.  Checked before anything is written to it.
+            tables = [
+                name
+                for (name,) in db.execute(
+                    "SELECT name FROM sqlite_master WHERE type='table'"
+                )
+            ]
+            if tables and "meta" not in tables:
+                raise StoreError(
+                    f"Route store {path} is not a route store "
+                    f"(it holds tables {', '.join(sorted(tables))})"
+                )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             db.executescript(_SCHEMA)
@@ -75,8 +89,16 @@ class Store:
                     f"Route store {path} has schema {row[0]}; "
                     f"this router reads schema {SCHEMA_VERSION}"
                 )
-            db.execute("PRAGMA quick_check(1)").fetchone()
-        except sqlite3.Error as exc:
+            # quick_check answers with a row, not an error: "ok" or the
+            # first problem it found.
+            (check,) = db.execute("PRAGMA quick_check(1)").fetchone()
+            if check != "ok":
+                raise StoreError(f"Route store {path} is damaged: {check}")
+        except (sqlite3.Error, StoreError) as exc:
+            if db is not None:
+                db.close()
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"Route store {path} cannot be read: {exc}") from exc
         return db
 
@@ -119,10 +141,13 @@ class Store:
                     "UPDATE meta SET value=? WHERE key='version'",
                     (max(t.version for t in txns),),
                 )
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # A failed COMMIT (busy, disk full) may leave the transaction
+                # open, and the next BEGIN would fail on it.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StoreError(f"Route store {self.path}: write failed: {exc}") from exc
 

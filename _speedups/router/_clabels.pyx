@@ -48,7 +48,7 @@ cdef inline bint _same_lower(
     return True
 
 
-def host_label(bytes host, tuple domains):
+def host_label(bytes host not None, tuple domains not None):
     """The lower-cased first label when ``host`` names one under a domain."""
     cdef const char *p = PyBytes_AS_STRING(host)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(host)
@@ -132,7 +132,7 @@ cdef class LabelIndex:
     def __len__(self):
         return self.count
 
-    def __contains__(self, bytes label):
+    def __contains__(self, bytes label not None):
         return self._find_slot(
             PyBytes_AS_STRING(label), PyBytes_GET_SIZE(label)
         ) >= 0

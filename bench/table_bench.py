@@ -1,0 +1,467 @@
+"""Route table benchmark: the compiled label twin against the pure one.
+
+Run from the repository root, after ``python setup.py build_ext --inplace``::
+
+    python bench/table_bench.py                 # 10k, 100k and 1M routes
+    python bench/table_bench.py --sizes 10000   # a quick look
+
+It prints one table per question of the issue "Route table, durable store
+and the build", each next to its target:
+
+1. lookup time per hit and per miss (``LabelIndex.lookup`` alone, and the
+   per-request path ``host_label`` + ``lookup`` on a ``ForwardingTable``);
+2. memory per route of the ``ForwardingTable`` a worker holds;
+3. time to load 1M routes from the store into a ``RouteTable``;
+4. batched change rate (``RouteTable.prepare`` + ``Store.commit``, 1000-op
+   batches) with ``synchronous=FULL`` and ``NORMAL``.
+
+Each measurement runs in a child process of its own, so one twin's memory
+and warm caches never colour the other's figures.  The store used for the
+load test is made once (``commit_many`` in big batches) and kept in
+``--store-dir``.  Not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TWINS = {"c": "router._clabels", "py": "router._labels_py"}
+DOMAIN = "preview.example.com"
+PORTS_PER_SANDBOX = 4
+PROBES = 200_000
+REPEATS = 5
+BATCH = 1000
+
+# The issue's targets.
+TARGET_LOOKUP_NS = 100
+TARGET_BYTES_PER_ROUTE = 150
+TARGET_LOAD_S = 2.0
+TARGET_CHANGES_PER_S = 100_000
+
+
+# -- the routes every measurement uses ---------------------------------
+
+
+def route_parts(i: int) -> tuple[str, int, str]:
+    """Route ``i``: a sandbox of 20 characters, its port and a 16-char token.
+
+    Labels come out at 42 characters, what generated ids and tokens give.
+    """
+    box = i // PORTS_PER_SANDBOX
+    sandbox = f"sb-{box:08d}-{random.Random(box).getrandbits(32):08x}"
+    port = 8000 + i % PORTS_PER_SANDBOX
+    token = f"{random.Random(i).getrandbits(64):016x}"
+    return sandbox, port, token
+
+
+def label_of(i: int) -> bytes:
+    sandbox, port, token = route_parts(i)
+    return f"{port}-{sandbox}-{token}".encode()
+
+
+def missing_label_of(i: int) -> bytes:
+    """A label of the same shape that no route has (another token)."""
+    sandbox, port, _ = route_parts(i)
+    return f"{port}-{sandbox}-{'z' * 16}".encode()
+
+
+def use_twin(name: str) -> ModuleType:
+    """Import twin ``name`` and make every new ``ForwardingTable`` use it."""
+    import importlib
+
+    from router import routes
+
+    twin = importlib.import_module(TWINS[name])
+    routes._labels = twin  # type: ignore[assignment]
+    return twin
+
+
+def worker_table(n: int) -> Any:
+    """The ``ForwardingTable`` a worker holds for ``n`` routes."""
+    from router.routes import ForwardingTable, Route, Sandbox
+
+    fwd = ForwardingTable((DOMAIN,))
+    for i in range(n):
+        sandbox, port, token = route_parts(i)
+        if i % PORTS_PER_SANDBOX == 0:
+            fwd.put_sandbox(Sandbox(sandbox))
+        fwd.put_route(Route(sandbox, port, token, None, "", None, "rewrite", i + 1))
+    return fwd
+
+
+def per_call_ns(run: Callable[[list[bytes]], None], values: list[bytes]) -> float:
+    """Best time per item of ``run(items)`` over ``REPEATS`` passes.
+
+    Every pass gets freshly built arguments, as requests do: a bytes object
+    caches its hash, and reusing one would flatter the dict-based twin.
+    """
+    best = float("inf")
+    for _ in range(REPEATS):
+        items = [bytes(bytearray(v)) for v in values]
+        start = time.perf_counter_ns()
+        run(items)
+        best = min(best, (time.perf_counter_ns() - start) / len(items))
+    return best
+
+
+def bare_pass(items: list[bytes]) -> None:
+    for _ in items:
+        pass
+
+
+def index_pass(lookup: Callable[[bytes], object]) -> Callable[[list[bytes]], None]:
+    def run(items: list[bytes]) -> None:
+        for label in items:
+            lookup(label)
+
+    return run
+
+
+def resolve_pass(twin: ModuleType, fwd: Any) -> Callable[[list[bytes]], None]:
+    """What the data path does per request, inline as the proxy has it."""
+    host_label, lookup, domains = twin.host_label, fwd.index.lookup, fwd.domains
+
+    def run(items: list[bytes]) -> None:
+        for host in items:
+            lookup(host_label(host, domains))
+
+    return run
+
+
+# -- the measurements (each in its own process) -------------------------
+
+
+def measure_lookup(twin_name: str, n: int) -> dict[str, Any]:
+    twin = use_twin(twin_name)
+    rng = random.Random(n)
+    picks = [rng.randrange(n) for _ in range(PROBES)]
+    hits = [label_of(i) for i in picks]
+    misses = [missing_label_of(i) for i in picks]
+    suffix = f".{DOMAIN}:443".encode()
+    hit_hosts = [label + suffix for label in hits]
+    miss_hosts = [label + suffix for label in misses]
+
+    index = twin.LabelIndex()
+    for i in range(n):
+        index.set(label_of(i), i + 1, i // PORTS_PER_SANDBOX + 1, 8000, 0, 0)
+    assert index.lookup(hits[0]) is not None and index.lookup(misses[0]) is None
+    out = {
+        "loop": per_call_ns(bare_pass, hits),
+        "index_hit": per_call_ns(index_pass(index.lookup), hits),
+        "index_miss": per_call_ns(index_pass(index.lookup), misses),
+    }
+    del index
+    gc.collect()
+
+    fwd = worker_table(n)
+    out["fwd_hit"] = per_call_ns(resolve_pass(twin, fwd), hit_hosts)
+    out["fwd_miss"] = per_call_ns(resolve_pass(twin, fwd), miss_hosts)
+    return out
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
+def measure_memory(twin_name: str, n: int, traced: bool) -> dict[str, Any]:
+    """Bytes per route of a worker's table, before and after traffic.
+
+    Traffic matters for the compiled twin: it caches the tuple that
+    ``lookup`` returns on a route's first hit.
+    """
+    use_twin(twin_name)
+    gc.collect()
+    if traced:
+        tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0] if traced else rss_bytes()
+    fwd = worker_table(n)
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0] if traced else rss_bytes()
+    lookup = fwd.index.lookup
+    for i in range(n):
+        lookup(label_of(i))
+    gc.collect()
+    hit = tracemalloc.get_traced_memory()[0] if traced else rss_bytes()
+    out = {"built": (after - before) / n, "after_hits": (hit - before) / n}
+    if hasattr(fwd.index, "memory_bytes") and twin_name == "c":
+        out["index_arrays"] = fwd.index.memory_bytes() / n
+    return out
+
+
+def store_path(store_dir: Path, n: int) -> Path:
+    return store_dir / f"routes-{n}.db"
+
+
+def make_store(path: Path, n: int) -> None:
+    """Write ``n`` routes with ``commit_many``, 50k records a transaction."""
+    from router.routes import Route, Sandbox, Transaction
+    from router.store import Store
+
+    def records() -> Iterator[dict[str, Any]]:
+        for i in range(n):
+            sandbox, port, token = route_parts(i)
+            if i % PORTS_PER_SANDBOX == 0:
+                yield {"op": "put_sandbox", "sandbox": Sandbox(sandbox).to_record()}
+            route = Route(
+                sandbox,
+                port,
+                token,
+                None,
+                "2025-01-01T00:00:00.000Z",
+                None,
+                "rewrite",
+                i + 1,
+            )
+            yield {"op": "put_route", "route": route.to_record()}
+
+    tmp = path.with_suffix(".tmp")
+    for leftover in tmp.parent.glob(tmp.name + "*"):
+        leftover.unlink()
+    store = Store(str(tmp), "NORMAL")
+    chunk: list[dict[str, Any]] = []
+    version = 0
+    for rec in records():
+        chunk.append(rec)
+        if len(chunk) == 50_000:
+            version += 1
+            store.commit_many([Transaction(version, chunk, [])])
+            chunk = []
+    version += 1
+    store.commit_many([Transaction(version, chunk, [])])
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    tmp.rename(path)
+
+
+def measure_load(twin_name: str, path: str) -> dict[str, Any]:
+    use_twin(twin_name)
+    from router.routes import RouteTable
+    from router.store import Store
+
+    start = time.perf_counter()
+    store = Store(path)
+    opened = time.perf_counter()
+    version, sandboxes, routes = store.load()
+    # Materialised here only to time reading apart from building the table.
+    routes = iter(list(routes))
+    read = time.perf_counter()
+    table = RouteTable((DOMAIN,))
+    table.load(version, sandboxes, routes)
+    loaded = time.perf_counter()
+    store.close()
+    return {
+        "open": opened - start,
+        "read": read - opened,
+        "build": loaded - read,
+        "total": loaded - start,
+        "routes": len(table.routes),
+    }
+
+
+def measure_changes(twin_name: str, synchronous: str, batches: int) -> dict[str, Any]:
+    use_twin(twin_name)
+    from router.routes import RouteTable
+    from router.store import Store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(os.path.join(tmp, "changes.db"), synchronous)
+        table = RouteTable((DOMAIN,))
+        prepare = commit = 0.0
+        for b in range(batches):
+            ops = []
+            for k in range(BATCH):
+                sandbox, port, token = route_parts(b * BATCH + k)
+                ops.append(
+                    {
+                        "op": "expose_port",
+                        "sandbox": sandbox,
+                        "port": port,
+                        "token": token,
+                    }
+                )
+            t0 = time.perf_counter()
+            txn = table.prepare(ops)
+            t1 = time.perf_counter()
+            store.commit(txn)
+            table.finish(txn)
+            t2 = time.perf_counter()
+            prepare += t1 - t0
+            commit += t2 - t1
+        store.close()
+    total = batches * BATCH
+    return {
+        "rate": total / (prepare + commit),
+        "prepare_us": prepare / total * 1e6,
+        "commit_us": commit / total * 1e6,
+    }
+
+
+# -- the parent: run the children, print the tables ---------------------
+
+
+def child(*args: object) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps([str(a) for a in args])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"child {args} failed:\n{out.stderr}")
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def run_child(args: list[str]) -> None:
+    kind, *rest = args
+    if kind == "lookup":
+        result = measure_lookup(rest[0], int(rest[1]))
+    elif kind == "memory":
+        result = measure_memory(rest[0], int(rest[1]), rest[2] == "traced")
+    elif kind == "load":
+        result = measure_load(rest[0], rest[1])
+    else:
+        result = measure_changes(rest[0], rest[1], int(rest[2]))
+    print(json.dumps(result))
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--load-routes", type=int, default=1_000_000)
+    parser.add_argument("--batches", type=int, default=100)
+    parser.add_argument(
+        "--store-dir",
+        default=os.path.join(tempfile.gettempdir(), "edge-router-table-bench"),
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run_child(json.loads(args.child))
+        return
+
+    from router import speedups
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    print(
+        f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {speedups.describe()}"
+    )
+    print(f"labels of {len(label_of(0))} bytes, {PORTS_PER_SANDBOX} routes per sandbox")
+    # Other work on the machine shows up in every figure: say how much.
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"load average at start: {load}")
+
+    print(
+        f"\n1. Lookup, ns per call, best of {REPEATS} x {PROBES} calls "
+        f"(target <= {TARGET_LOOKUP_NS} ns)"
+    )
+    print("   'loop' is the bare Python loop over the same fresh arguments;")
+    print("   'fwd' is host_label + lookup on a worker's ForwardingTable.")
+    head = ("routes", "twin", "loop", "index hit", "index miss", "fwd hit", "fwd miss")
+    print("   {:>9} {:>4} {:>6} {:>10} {:>11} {:>8} {:>9}".format(*head))
+    for n in sizes:
+        for twin in TWINS:
+            r = child("lookup", twin, n)
+            print(
+                f"   {n:>9,} {twin:>4} {r['loop']:>6.0f} {r['index_hit']:>10.0f}"
+                f" {r['index_miss']:>11.0f} {r['fwd_hit']:>8.0f} {r['fwd_miss']:>9.0f}"
+                f"  index {verdict(r['index_hit'] <= TARGET_LOOKUP_NS)},"
+                f" fwd {verdict(r['fwd_hit'] <= TARGET_LOOKUP_NS)}"
+            )
+
+    n = max(sizes)
+    print(
+        f"\n2. Memory per route of a worker's ForwardingTable, {n:,} routes "
+        f"(target <= {TARGET_BYTES_PER_ROUTE} bytes)"
+    )
+    print(
+        "   {:>4} {:>12} {:>10} {:>15} {:>11} {:>15}".format(
+            "twin", "C arrays", "traced", "traced + hits", "RSS delta", "RSS + hits"
+        )
+    )
+    for twin in TWINS:
+        traced = child("memory", twin, n, "traced")
+        rss = child("memory", twin, n, "rss")
+        arrays = traced.get("index_arrays")
+        print(
+            f"   {twin:>4} {'-' if arrays is None else round(arrays):>12}"
+            f" {traced['built']:>10.0f} {traced['after_hits']:>15.0f}"
+            f" {rss['built']:>11.0f} {rss['after_hits']:>15.0f}"
+            f"  {verdict(traced['after_hits'] <= TARGET_BYTES_PER_ROUTE)}"
+        )
+
+    n = args.load_routes
+    path = store_path(Path(args.store_dir), n)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        make_store(path, n)
+        print(f"\n   (made {path} in {time.perf_counter() - start:.1f} s)")
+    print(
+        f"\n3. Loading {n:,} routes from the store into a RouteTable "
+        f"(target <= {TARGET_LOAD_S} s)"
+    )
+    print("   'open' includes quick_check; 'read' is Store.load (rows to Route")
+    print("   objects); 'build' is RouteTable.load (its dicts and forwarding view).")
+    print(
+        "   {:>4} {:>7} {:>7} {:>7} {:>8}".format(
+            "twin", "open s", "read s", "build s", "total s"
+        )
+    )
+    for twin in TWINS:
+        r = child("load", twin, str(path))
+        assert r["routes"] == n, r
+        print(
+            f"   {twin:>4} {r['open']:>7.2f} {r['read']:>7.2f} {r['build']:>7.2f}"
+            f" {r['total']:>8.2f}"
+            f"  {verdict(r['total'] <= TARGET_LOAD_S)}"
+        )
+
+    total = args.batches * BATCH
+    print(
+        f"\n4. Batched changes: {total:,} expose_port in {BATCH}-op batches, "
+        f"prepare + commit + finish (target >= {TARGET_CHANGES_PER_S:,}/s)"
+    )
+    print(
+        "   {:>4} {:>7} {:>11} {:>11} {:>10}".format(
+            "twin", "sync", "changes/s", "prepare us", "commit us"
+        )
+    )
+    for twin in TWINS:
+        for sync in ("FULL", "NORMAL"):
+            r = child("changes", twin, sync, args.batches)
+            print(
+                f"   {twin:>4} {sync:>7} {r['rate']:>11,.0f} {r['prepare_us']:>11.1f}"
+                f" {r['commit_us']:>10.1f}"
+                f"  {verdict(r['rate'] >= TARGET_CHANGES_PER_S)}"
+            )
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\nload average at end: {load}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+"""The label twins: Host → label parsing and the label index.
+
+Every test runs on the compiled twin and on the pure one (the ``twin``
+fixture); the property tests at the end hold the two to the same answers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router import speedups
+
+ROOT = Path(__file__).resolve().parent.parent
+DOMAINS = (b"localhost", b"example.com")
+
+
+# -- which twin is in use ---------------------------------------------
+
+
+def test_compiled_twins_loaded() -> None:
+    """Fails when the build silently fell back to the pure twins."""
+    if speedups.FORCED_PURE:
+        assert not speedups.COMPILED
+        assert "EDGE_ROUTER_PURE" in speedups.describe()
+    else:
+        assert speedups.COMPILED, speedups.FALLBACK_REASON
+        assert speedups.labels.__name__ == "router._clabels"
+        assert speedups.describe() == "compiled hot path (Cython)"
+
+
+def _compiled_flag(pure: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "EDGE_ROUTER_PURE"}
+    if pure is not None:
+        env["EDGE_ROUTER_PURE"] = pure
+    out = subprocess.run(
+        [sys.executable, "-c", "import router.speedups as s; print(s.COMPILED)"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return out.stdout.strip()
+
+
+def test_pure_forced_by_environment() -> None:
+    assert _compiled_flag("1") == "False"
+
+
+def test_zero_does_not_force_pure() -> None:
+    if speedups.FORCED_PURE:
+        pytest.skip("the pure run need not have the compiled twins built")
+    assert _compiled_flag("0") == "True"
+    assert _compiled_flag(None) == "True"
+
+
+# -- host_label --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "label"),
+    [
+        (b"8080-sb-tok.localhost", b"8080-sb-tok"),
+        (b"8080-SB-Tok.LocalHost", b"8080-sb-tok"),
+        (b"8080-sb-tok.localhost.", b"8080-sb-tok"),
+        (b"8080-sb-tok.localhost:8787", b"8080-sb-tok"),
+        (b"8080-sb-tok.localhost.:8787", b"8080-sb-tok"),
+        (b"8080-sb-tok.localhost:", b"8080-sb-tok"),
+        (b"8080-a-b-c-d.example.com", b"8080-a-b-c-d"),
+        (b"8080-sb-t_k.EXAMPLE.COM:443", b"8080-sb-t_k"),
+    ],
+)
+def test_host_label_found(twin: ModuleType, host: bytes, label: bytes) -> None:
+    assert twin.host_label(host, DOMAINS) == label
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"",
+        b"localhost",
+        b"localhost:8787",
+        b"localhost.",
+        b"example.com",
+        b".localhost",
+        b"a.b.localhost",
+        b"a.b.example.com:80",
+        b"a.example.org",
+        b"a.notlocalhost",
+        b"a.localhost..",
+        b"a.localhostx",
+        b"127.0.0.1",
+        b"127.0.0.1:8080",
+        b"[::1]",
+        b"[::1]:8080",
+        b"[::1]:",
+        b"a.localhost:8080:",
+    ],
+)
+def test_host_label_not_a_preview_host(twin: ModuleType, host: bytes) -> None:
+    assert twin.host_label(host, DOMAINS) is None
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"a.localhost:80a",
+        b"a.localhost:-1",
+        b"a.localhost: 80",
+        b"a.localhost:\xd9\xa1",
+        b"[::1]x",
+        b"[::1]:8a",
+        b"[::1",
+        b"[2001:db8::1].localhost",
+    ],
+)
+def test_host_label_bad_port_refused(twin: ModuleType, host: bytes) -> None:
+    with pytest.raises(ValueError):
+        twin.host_label(host, DOMAINS)
+
+
+def test_host_label_longer_than_any_label(twin: ModuleType) -> None:
+    # Still recognised as meant for us, so a lookup misses (not a fallback).
+    label = b"L" * 70
+    found = twin.host_label(label + b".localhost", DOMAINS)
+    assert found == label.lower()
+    assert twin.LabelIndex().lookup(found) is None
+
+
+def test_host_label_needs_bytes(twin: ModuleType) -> None:
+    with pytest.raises(TypeError):
+        twin.host_label(None, DOMAINS)
+
+
+# -- LabelIndex --------------------------------------------------------
+
+
+def test_index_set_lookup_remove(twin: ModuleType) -> None:
+    index = twin.LabelIndex()
+    assert len(index) == 0
+    assert index.lookup(b"8080-a-b") is None
+
+    index.set(b"8080-a-b", 7, 1, 8080, 0, 1)
+    assert len(index) == 1
+    assert b"8080-a-b" in index
+    assert b"8080-a-c" not in index
+    assert index.lookup(b"8080-a-b") == (7, 1, 8080, 0, 1)
+    # Repeated hits give the same answer (the compiled twin caches it).
+    assert index.lookup(b"8080-a-b") == (7, 1, 8080, 0, 1)
+
+    index.set(b"8080-a-b", 8, 2, 8080, 3, 0)
+    assert len(index) == 1
+    assert index.lookup(b"8080-a-b") == (8, 2, 8080, 3, 0)
+
+    assert index.remove(b"8080-a-b") is True
+    assert index.remove(b"8080-a-b") is False
+    assert index.lookup(b"8080-a-b") is None
+    assert len(index) == 0
+
+
+def test_index_extreme_values(twin: ModuleType) -> None:
+    index = twin.LabelIndex()
+    top = (2**63 - 1, 2**32 - 1, 65535, 2**32 - 1, 65535)
+    index.set(b"x" * 63, *top)
+    index.set(b"y", 0, 0, 0, 0, 0)
+    assert index.lookup(b"x" * 63) == top
+    assert index.items() == [(b"x" * 63, top), (b"y", (0, 0, 0, 0, 0))]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (b"", 1, 1, 1, 1, 1),
+        (b"x" * 64, 1, 1, 1, 1, 1),
+        (b"x", -1, 1, 1, 1, 1),
+        (b"x", 2**63, 1, 1, 1, 1),
+        (b"x", 1, 2**32, 1, 1, 1),
+        (b"x", 1, 1, 1, -1, 1),
+        (b"x", 1, 1, 65536, 1, 1),
+        (b"x", 1, 1, 1, 1, 65536),
+    ],
+)
+def test_index_refuses_out_of_range(twin: ModuleType, args: tuple[object]) -> None:
+    index = twin.LabelIndex()
+    with pytest.raises(ValueError):
+        index.set(*args)
+    assert len(index) == 0
+    assert index.items() == []
+
+
+def test_index_label_must_be_bytes(twin: ModuleType) -> None:
+    with pytest.raises(TypeError):
+        twin.LabelIndex().set("8080-a-b", 1, 1, 1, 1, 1)
+
+
+def test_index_misses_long_and_empty_labels(twin: ModuleType) -> None:
+    index = twin.LabelIndex()
+    index.set(b"a", 1, 1, 1, 1, 1)
+    assert index.lookup(b"") is None
+    assert index.lookup(b"a" * 64) is None
+    assert b"" not in index
+    assert index.remove(b"a" * 200) is False
+
+
+def test_index_clear(twin: ModuleType) -> None:
+    index = twin.LabelIndex()
+    for i in range(100):
+        index.set(b"label-%d" % i, i, 1, 1, 1, 1)
+        index.lookup(b"label-%d" % i)
+    index.clear()
+    assert len(index) == 0
+    assert index.items() == []
+    assert index.lookup(b"label-5") is None
+    index.set(b"label-5", 5, 0, 0, 0, 0)
+    assert index.items() == [(b"label-5", (5, 0, 0, 0, 0))]
+
+
+def test_index_memory_bytes(twin: ModuleType) -> None:
+    index = twin.LabelIndex()
+    empty = index.memory_bytes()
+    for i in range(1000):
+        index.set(b"%d-sandbox-token" % i, i, 1, 8080, 0, 0)
+    assert index.memory_bytes() > empty > 0
+
+
+def test_index_agrees_with_dict_under_churn(twin: ModuleType) -> None:
+    """Many inserts and removals: growth and deletion keep every answer."""
+    rng = random.Random(1)
+    index = twin.LabelIndex()
+    model: dict[bytes, tuple[int, int, int, int, int]] = {}
+    labels = [b"%d-sb%d-%x" % (1024 + i % 64000, i % 97, i) for i in range(6000)]
+    for step in range(30000):
+        label = rng.choice(labels)
+        if rng.random() < 0.55:
+            value = (step, step % 5, 1024 + step % 1000, step % 3, step % 2)
+            index.set(label, *value)
+            model[label] = value
+        else:
+            assert index.remove(label) == (model.pop(label, None) is not None)
+        if step % 7 == 0:
+            probe = rng.choice(labels)
+            assert index.lookup(probe) == model.get(probe)
+    assert len(index) == len(model)
+    assert index.items() == sorted(model.items())
+    for label in labels:
+        assert index.lookup(label) == model.get(label)
+
+
+# -- the twins agree (properties) --------------------------------------
+
+_label_bytes = st.sampled_from(
+    [b"a", b"b", b"a-b", b"8080-a-b-c", b"8080-a-b", b"x" * 63, b"x" * 62 + b"y"]
+    + [b"%d-s-t" % i for i in range(24)]
+) | st.binary(min_size=0, max_size=65)
+_value = st.tuples(
+    st.integers(-1, 2**63),
+    st.integers(0, 2**32),
+    st.integers(0, 65536),
+    st.integers(0, 2**32),
+    st.integers(0, 65536),
+)
+_index_op = st.one_of(
+    st.tuples(st.just("set"), _label_bytes, _value),
+    st.tuples(st.just("remove"), _label_bytes),
+    st.tuples(st.just("lookup"), _label_bytes),
+    st.tuples(st.just("__contains__"), _label_bytes),
+    st.tuples(st.just("clear")),
+)
+
+
+def _outcome(call: object, *args: object) -> object:
+    assert callable(call)
+    try:
+        return ("ok", call(*args))
+    except (ValueError, TypeError) as exc:
+        return (type(exc).__name__,)
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.lists(_index_op, max_size=120))
+def test_index_twins_agree(
+    twins: tuple[ModuleType, ModuleType], ops: list[tuple[object, ...]]
+) -> None:
+    c_index = twins[0].LabelIndex()
+    py_index = twins[1].LabelIndex()
+    for op in ops:
+        name, *args = op
+        if name == "set":
+            label, value = args
+            assert isinstance(value, tuple)
+            args = [label, *value]
+        c_out = _outcome(getattr(c_index, str(name)), *args)
+        py_out = _outcome(getattr(py_index, str(name)), *args)
+        assert c_out == py_out, op
+        assert len(c_index) == len(py_index)
+    assert c_index.items() == py_index.items()
+
+
+_host_piece = st.sampled_from(
+    [
+        b"8080-sb-tok",
+        b"8080-SB-Tok",
+        b"a",
+        b"-",
+        b"_",
+        b".",
+        b"..",
+        b":",
+        b"8787",
+        b"0",
+        b"[",
+        b"]",
+        b"::1",
+        b"localhost",
+        b"LOCALHOST",
+        b"example.com",
+        b"Example.Com",
+        b"org",
+        b"x" * 64,
+        b" ",
+        b"\x00",
+        b"\xff",
+        b"\xd9\xa1",
+    ]
+)
+_hosts = st.lists(_host_piece, max_size=8).map(b"".join) | st.binary(max_size=40)
+
+
+@settings(deadline=None, max_examples=1500)
+@given(_hosts)
+def test_host_label_twins_agree(
+    twins: tuple[ModuleType, ModuleType], host: bytes
+) -> None:
+    def answer(module: ModuleType) -> object:
+        try:
+            return ("ok", module.host_label(host, DOMAINS))
+        except ValueError as exc:
+            return ("ValueError", str(exc))
+
+    assert answer(twins[0]) == answer(twins[1])

@@ -1,0 +1,350 @@
+"""The durable route store: what is acknowledged survives, nothing else.
+
+These tests use the label twin chosen by ``router.speedups`` (the store
+never touches the index); the two runs of the suite cover both twins.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from router.errors import RouteError, StoreError
+from router.routes import RouteTable, Transaction
+from router.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+DOMAINS = ("localhost",)
+
+
+def open_table(path: Path, synchronous: str = "FULL") -> tuple[Store, RouteTable]:
+    store = Store(str(path), synchronous)
+    table = RouteTable(DOMAINS)
+    version, sandboxes, routes = store.load()
+    table.load(version, sandboxes, routes)
+    return store, table
+
+
+def commit(store: Store, table: RouteTable, ops: list[dict[str, Any]]) -> Transaction:
+    """The order the router follows: prepare, store, then acknowledge."""
+    txn = table.prepare(ops)
+    try:
+        store.commit(txn)
+    except StoreError:
+        table.rollback(txn)
+        raise
+    table.finish(txn)
+    return txn
+
+
+def stored_rows(path: Path) -> tuple[int, list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """What is in the file, read without the router's code."""
+    db = sqlite3.connect(path)
+    try:
+        version = db.execute("SELECT value FROM meta WHERE key='version'").fetchone()
+        routes = db.execute("SELECT * FROM routes ORDER BY sandbox, port").fetchall()
+        boxes = db.execute("SELECT * FROM sandboxes ORDER BY name").fetchall()
+    finally:
+        db.close()
+    return version[0], routes, boxes
+
+
+def routed(table: RouteTable) -> list[tuple[Any, ...]]:
+    """The forwarding view, with slots replaced by what they point at."""
+    fwd = table.forwarding
+    out = []
+    for label, (route_id, sb_slot, port, t_slot, flags) in fwd.index.items():
+        view = fwd.sandboxes[sb_slot]
+        out.append((label, route_id, view, port, fwd.targets[t_slot], flags))
+    return out
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "routes.db"
+
+
+# -- what survives -----------------------------------------------------
+
+
+def test_new_store_is_empty_and_in_wal_mode(path: Path) -> None:
+    store, table = open_table(path)
+    try:
+        assert table.snapshot() == {"version": 0, "routes": [], "sandboxes": []}
+        mode = store._db.execute("PRAGMA journal_mode").fetchone()[0]
+        assert mode == "wal"
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("synchronous", ["FULL", "normal"])
+def test_committed_changes_survive_reopen(path: Path, synchronous: str) -> None:
+    store, table = open_table(path, synchronous)
+    commit(store, table, [{"op": "expose_port", "sandbox": "sb", "port": 8080}])
+    commit(
+        store,
+        table,
+        [
+            {"op": "set_sandbox", "sandbox": "up", "upstream_host": "10.0.0.9"},
+            {
+                "op": "expose_port",
+                "sandbox": "up",
+                "port": 8081,
+                "token": "a-b",
+                "name": "api",
+                "target": "unix:/run/api.sock",
+                "host": "preserve",
+            },
+            {"op": "expose_port", "sandbox": "sb", "port": 9000, "token": "x"},
+        ],
+    )
+    commit(store, table, [{"op": "unexpose_port", "sandbox": "sb", "port": 9000}])
+    commit(store, table, [{"op": "set_sandbox", "sandbox": "sb", "state": "stopped"}])
+    commit(store, table, [{"op": "set_sandbox", "sandbox": "gone"}])
+    commit(store, table, [{"op": "destroy_sandbox", "sandbox": "gone"}])
+    snapshot = table.snapshot()
+    store.close()
+
+    again, reopened = open_table(path)
+    try:
+        assert reopened.snapshot() == snapshot
+        assert snapshot["version"] == 6
+        assert len(snapshot["routes"]) == 2
+        assert routed(reopened) == routed(table)
+        # New routes get ids after the stored ones.
+        commit(again, reopened, [{"op": "expose_port", "sandbox": "sb", "port": 9001}])
+        ids = [r["route_id"] for r in reopened.snapshot()["routes"]]
+        assert len(set(ids)) == len(ids)
+    finally:
+        again.close()
+
+
+def test_group_commit_stores_the_highest_version(path: Path) -> None:
+    store, table = open_table(path)
+    first = table.prepare([{"op": "expose_port", "sandbox": "a", "port": 8080}])
+    table.finish(first)
+    second = table.prepare([{"op": "expose_port", "sandbox": "b", "port": 8080}])
+    table.finish(second)
+    store.commit_many([first, second])
+    store.close()
+    version, routes, _ = stored_rows(path)
+    assert version == 2
+    assert [(r[0], r[1]) for r in routes] == [("a", 8080), ("b", 8080)]
+
+
+def test_a_transaction_without_changes_writes_nothing(path: Path) -> None:
+    store, table = open_table(path)
+    commit(store, table, [{"op": "expose_port", "sandbox": "a", "port": 8080}])
+    before = stored_rows(path)
+    txn = commit(store, table, [{"op": "unexpose_port", "sandbox": "a", "port": 9999}])
+    assert txn.changes == []
+    assert stored_rows(path) == before
+    store.close()
+
+
+# -- what is refused writes nothing ------------------------------------
+
+
+def test_a_refused_change_writes_nothing(path: Path) -> None:
+    store, table = open_table(path)
+    commit(
+        store,
+        table,
+        [{"op": "expose_port", "sandbox": "a", "port": 8080, "token": "shared"}],
+    )
+    before = stored_rows(path)
+    with pytest.raises(RouteError) as info:
+        commit(
+            store,
+            table,
+            [
+                {"op": "expose_port", "sandbox": "b", "port": 8080},
+                {"op": "expose_port", "sandbox": "a", "port": 8081, "token": "shared"},
+            ],
+        )
+    assert info.value.code == "TOKEN_IN_USE"
+    assert stored_rows(path) == before
+    store.close()
+
+
+def test_a_write_that_fails_half_way_writes_nothing(path: Path) -> None:
+    store, table = open_table(path)
+    commit(store, table, [{"op": "expose_port", "sandbox": "a", "port": 8080}])
+    before = stored_rows(path)
+    snapshot = table.snapshot()
+
+    txn = table.prepare([{"op": "expose_port", "sandbox": "b", "port": 8080}])
+    # A record the schema refuses (token NOT NULL), after good ones.
+    bad = {"op": "put_route", "route": {**txn.changes[-1]["route"], "token": None}}
+    txn.changes.append(bad)
+    with pytest.raises(StoreError, match=str(path)):
+        store.commit(txn)
+    table.rollback(txn)
+    assert stored_rows(path) == before
+    assert table.snapshot() == snapshot
+
+    # The store is still usable, and the table goes on from where it was.
+    commit(store, table, [{"op": "expose_port", "sandbox": "c", "port": 8080}])
+    assert stored_rows(path)[0] == snapshot["version"] + 1
+    store.close()
+
+
+# -- files that must stop startup --------------------------------------
+
+
+def test_garbage_file_refused(path: Path) -> None:
+    path.write_bytes(os.urandom(3000) + b"not a database" * 100)
+    with pytest.raises(StoreError, match=str(path)) as info:
+        Store(str(path))
+    assert "cannot be read" in info.value.message
+
+
+@pytest.mark.parametrize("where", ["all-but-first", "last-leaves"])
+def test_corrupt_pages_refused(path: Path, where: str) -> None:
+    store, table = open_table(path)
+    for port in range(8080, 8380):
+        commit(store, table, [{"op": "expose_port", "sandbox": "sb", "port": port}])
+    store.close()
+    data = bytearray(path.read_bytes())
+    page = 4096
+    assert len(data) > 6 * page
+    if where == "all-but-first":
+        # The header stays valid; no page after it does.
+        data[page:] = b"\xa5" * (len(data) - page)
+    else:
+        # The schema and meta pages stay valid, so only a full check (or
+        # reading every route) notices the damage.
+        for start in range(len(data) - 3 * page, len(data), page):
+            data[start + 100 : start + 4000] = b"\xa5" * 3900
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=str(path)):
+        open_table(path)
+
+
+def test_directory_as_path_refused(tmp_path: Path) -> None:
+    target = tmp_path / "a-directory"
+    target.mkdir()
+    with pytest.raises(StoreError, match=str(target)):
+        Store(str(target))
+
+
+def test_missing_directory_refused(tmp_path: Path) -> None:
+    target = tmp_path / "missing" / "routes.db"
+    with pytest.raises(StoreError, match=str(target)) as info:
+        Store(str(target))
+    assert "does not exist" in info.value.message
+
+
+def test_other_schema_refused(path: Path) -> None:
+    Store(str(path)).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value=99 WHERE key='schema'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="schema 99"):
+        Store(str(path))
+
+
+def test_someone_elses_database_refused(path: Path) -> None:
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match=str(path)):
+        Store(str(path))
+    db = sqlite3.connect(path)
+    tables = db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+    db.close()
+    assert tables == [("invoices",)]
+
+
+def test_synchronous_mode_checked(path: Path) -> None:
+    with pytest.raises(ValueError):
+        Store(str(path), "OFF")
+
+
+# -- kill -9 in the middle of a stream of changes ----------------------
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+
+    from router.routes import RouteTable
+    from router.store import Store
+
+    store = Store(sys.argv[1], sys.argv[2])
+    table = RouteTable(("localhost",))
+    version, sandboxes, routes = store.load()
+    table.load(version, sandboxes, routes)
+    port = int(sys.argv[3])
+    while True:
+        port += 1
+        op = {"op": "expose_port", "sandbox": f"sb{port % 7}", "port": port,
+              "token": f"t{port}"}
+        txn = table.prepare([op])
+        store.commit(txn)
+        table.finish(txn)
+        # Acknowledge only after the store has the change.
+        print(txn.version, port, flush=True)
+    """
+)
+
+
+def run_and_kill(
+    path: Path, synchronous: str, first_port: int, acks: int
+) -> list[tuple[int, int]]:
+    """Start a writer, read ``acks`` acknowledgements, then SIGKILL it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path), synchronous, str(first_port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    acked: list[tuple[int, int]] = []
+    try:
+        assert proc.stdout is not None
+        while len(acked) < acks:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read() if proc.stderr else "writer died"
+            version, port = line.split()
+            acked.append((int(version), int(port)))
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    return acked
+
+
+@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
+def test_acknowledged_changes_survive_kill_9(path: Path, synchronous: str) -> None:
+    first = run_and_kill(path, synchronous, 4000, 150)
+    assert [v for v, _ in first] == list(range(1, 151))
+    # A second writer loads what the first left, which may include a change
+    # stored but killed before it was acknowledged, and dies too.
+    second = run_and_kill(path, synchronous, 20000, 100)
+    start = second[0][0]
+    assert start > 150
+    assert [v for v, _ in second] == list(range(start, start + 100))
+    acked = first + second
+
+    store, table = open_table(path)
+    try:
+        assert table.version >= acked[-1][0]
+        for _, port in acked:
+            assert table.validate_port_token(f"sb{port % 7}", port, f"t{port}")
+        # Whatever was written but not yet acknowledged is whole, too.
+        assert len(table.routes) == table.version
+    finally:
+        store.close()
