@@ -9,6 +9,7 @@ then acknowledged, announced to watchers and applied to live connections.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -60,8 +61,19 @@ class Router:
         if not self.config.state:
             return
         self.store = Store(self.config.state, self.config.sync)
-        version, sandboxes, routes = self.store.load()
-        self.table.load(version, sandboxes, routes)
+
+        # A large store is millions of objects made at once and kept for the
+        # life of the process: collecting while they are made only costs
+        # time, and freezing them afterwards keeps every later collection
+        # from walking them again.
+        gc.disable()
+        try:
+            version, sandboxes, routes = self.store.load()
+            self.table.load(version, sandboxes, routes)
+            del routes
+        finally:
+            gc.enable()
+        gc.freeze()
         log.info(
             "route store %s loaded: version %d, %d routes, %d sandboxes",
             self.config.state,

@@ -155,7 +155,7 @@ def test_index_set_lookup_remove(twin: ModuleType) -> None:
     assert b"8080-a-b" in index
     assert b"8080-a-c" not in index
     assert index.lookup(b"8080-a-b") == (7, 1, 8080, 0, 1)
-    # Repeated hits give the same answer (the compiled twin caches it).
+    # Repeated hits give the same answer.
     assert index.lookup(b"8080-a-b") == (7, 1, 8080, 0, 1)
 
     index.set(b"8080-a-b", 8, 2, 8080, 3, 0)

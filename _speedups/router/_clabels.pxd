@@ -1,14 +1,10 @@
-from cpython.object cimport PyObject
 from libc.stdint cimport uint16_t, uint32_t, uint64_t, uint8_t
 
 
 # One route as the data path sees it.  The label is stored inline: it is at
 # most 63 bytes (the DNS limit), and a fixed record keeps a route at one
-# allocation-free slot of a dense array.  ``value`` caches the tuple that
-# ``lookup`` returns, made on the first hit: building it costs more than the
-# lookup itself, and only routes that see traffic pay its memory.
+# allocation-free slot of a dense array.
 cdef struct Entry:
-    PyObject *value
     uint64_t route_id
     uint32_t sandbox_slot
     uint32_t target_slot
