@@ -106,11 +106,13 @@ class Tunnel:
 
     __slots__ = (
         "client",
+        "client_told",
         "closing",
         "route_id",
         "to_client",
         "to_upstream",
         "upstream",
+        "upstream_told",
     )
 
     def __init__(
@@ -126,6 +128,9 @@ class Tunnel:
         self.to_upstream = FrameTracker()
         # (client code, upstream code, reason) once an ending is decided.
         self.closing: tuple[int, int, str] | None = None
+        # Whether the router has written its own close frame to that side.
+        self.client_told = False
+        self.upstream_told = False
 
     def from_client(self, data: bytes) -> None:
         self._relay(data, self.to_upstream, self.upstream)
@@ -155,23 +160,38 @@ class Tunnel:
     def _try_finish(self) -> None:
         assert self.closing is not None
         client_code, upstream_code, reason = self.closing
-        if self.to_client.at_boundary and not self.client.is_closing():
-            self.client.write(close_frame(client_code, reason, to_server=False))
+        # A side that already got a close frame from its peer gets no second
+        # one (RFC 6455 §5.5.1: nothing follows a close frame).
+        if not self.client_told and self.to_client.at_boundary:
+            self.client_told = True
+            if not self.client.is_closing() and not self.to_client.saw_close:
+                self.client.write(close_frame(client_code, reason, to_server=False))
+        if not self.upstream_told and self.to_upstream.at_boundary:
+            self.upstream_told = True
+            if not self.upstream.is_closing() and not self.to_upstream.saw_close:
+                self.upstream.write(close_frame(upstream_code, reason, to_server=True))
+
+        # Both sockets stay open until both close frames are out: a socket
+        # closed early is no longer read, so the frame it still had in
+        # flight would be cut short at the other end, and that end's close
+        # frame could then never be sent.  (The caller bounds the wait.)
+        if self.client_told and self.upstream_told:
             self.client.close()
-        if self.to_upstream.at_boundary and not self.upstream.is_closing():
-            self.upstream.write(close_frame(upstream_code, reason, to_server=True))
             self.upstream.close()
 
     def peer_lost(self, side: str) -> None:
         """One socket died without a close handshake: end the other one.
 
         A client whose upstream vanished gets 1011 (RFC 6455 §7.4.1: the
-        server met a condition that kept it from fulfilling the request);
-        an upstream whose client vanished is simply closed.
+        server met a condition that kept it from fulfilling the request),
+        unless a close frame already went its way; an upstream whose client
+        vanished is simply closed.
         """
         if side == "upstream":
             if not self.client.is_closing():
-                if self.to_client.at_boundary and not self.to_client.saw_close:
+                told = self.client_told or self.to_client.saw_close
+                if self.to_client.at_boundary and not told:
+                    self.client_told = True
                     self.client.write(
                         close_frame(INTERNAL_ERROR, "upstream went away", False)
                     )

@@ -1,0 +1,314 @@
+"""The trusted internal entry (SPEC §6): routing by X-Sandbox-Id/-Port.
+
+The internal listener reaches any valid port of a known sandbox without a
+token, for HTTP and WebSocket alike; the public listener never honours
+those headers.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from harness import Recorder, RouterThread, UpstreamServer
+from websockets.exceptions import InvalidStatus
+from ws_harness import (
+    TIMEOUT,
+    WsUpstream,
+    closed_code,
+    echo,
+    http_request,
+    router_maker,
+    ws_connect,
+    ws_connect_unix,
+)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def make_router(
+    request: pytest.FixtureRequest,
+) -> Iterator[Callable[..., RouterThread]]:
+    yield from router_maker(request.param, internal="127.0.0.1:0")
+
+
+@pytest.fixture
+def router(make_router: Callable[..., RouterThread]) -> RouterThread:
+    r = make_router()
+    # "alpha" is known by set_sandbox alone: it has no route at all.
+    r.commit({"op": "set_sandbox", "sandbox": "alpha", "upstream_host": "127.0.0.1"})
+    return r
+
+
+@pytest.fixture
+def recorder() -> Iterator[UpstreamServer]:
+    server = UpstreamServer(Recorder)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def ws_upstream() -> Iterator[WsUpstream]:
+    with WsUpstream() as up:
+        yield up
+
+
+def sandbox_headers(sandbox: str, port: int | str) -> str:
+    return f"X-Sandbox-Id: {sandbox}\r\nX-Sandbox-Port: {port}\r\n"
+
+
+def internal_get(
+    router: RouterThread, sandbox: str, port: int | str, path: str = "/"
+) -> tuple[int, bytes]:
+    status, _, body = http_request(
+        router.service.internal_port,
+        "orchestrator.internal",
+        path,
+        sandbox_headers(sandbox, port),
+    )
+    return status, body
+
+
+def error_code(body: bytes) -> str:
+    return str(json.loads(body)["code"])
+
+
+# -- routing by header ----------------------------------------------------------
+
+
+def test_http_reaches_an_unexposed_port_without_token(
+    router: RouterThread, recorder: UpstreamServer
+) -> None:
+    status, body = internal_get(router, "alpha", recorder.port, "/status?x=1")
+    assert status == 200
+    seen = json.loads(body)
+    assert seen["path"] == "/status?x=1"
+    headers = dict(seen["headers"])
+    assert headers["Host"] == f"localhost:{recorder.port}"
+
+
+def test_sandbox_known_by_a_route_on_another_port(
+    router: RouterThread, recorder: UpstreamServer
+) -> None:
+    router.expose("beta", 8080)
+    # Sandbox ids are case-insensitive (SPEC §1).
+    status, _ = internal_get(router, "BETA", recorder.port)
+    assert status == 200
+
+
+def test_websocket_through_the_internal_entry(
+    router: RouterThread, ws_upstream: WsUpstream
+) -> None:
+    headers = {"X-Sandbox-Id": "alpha", "X-Sandbox-Port": str(ws_upstream.port)}
+    port = router.service.internal_port
+    with ws_connect(port, "orchestrator.internal", additional_headers=headers) as ws:
+        echo(ws)
+        echo(ws, b"\x00" * 100_000)
+    ws_upstream.wait_requests(1)
+    assert ws_upstream.requests[0][1]["Host"] == f"localhost:{ws_upstream.port}"
+
+
+def test_unknown_sandbox_is_404(router: RouterThread, recorder: UpstreamServer) -> None:
+    status, body = internal_get(router, "nobody", recorder.port)
+    assert status == 404
+    assert error_code(body) == "NOT_FOUND"
+    # Destroyed: no longer known.
+    router.commit({"op": "destroy_sandbox", "sandbox": "alpha"})
+    status, body = internal_get(router, "alpha", recorder.port)
+    assert status == 404
+
+
+@pytest.mark.parametrize("port", ["abc", "80", "08080", "70000", "3000", "-1", ""])
+def test_bad_port_is_400(router: RouterThread, port: str) -> None:
+    status, body = internal_get(router, "alpha", port)
+    assert status == 400
+    assert error_code(body) == "BAD_REQUEST"
+
+
+def test_missing_headers_are_400(router: RouterThread) -> None:
+    status, _, _ = http_request(
+        router.service.internal_port, "x", "/", "X-Sandbox-Id: alpha\r\n"
+    )
+    assert status == 400
+
+
+def test_configured_reserved_ports_are_400(
+    make_router: Callable[..., RouterThread],
+) -> None:
+    router = make_router(reserved_ports=[3000, 9229])
+    router.commit({"op": "set_sandbox", "sandbox": "alpha"})
+    status, _ = internal_get(router, "alpha", 9229)
+    assert status == 400
+
+
+def test_stopped_sandbox_is_410(
+    router: RouterThread, recorder: UpstreamServer, ws_upstream: WsUpstream
+) -> None:
+    router.commit({"op": "set_sandbox", "sandbox": "alpha", "state": "stopped"})
+    status, body = internal_get(router, "alpha", recorder.port)
+    assert status == 410
+    assert error_code(body) == "STALE_PREVIEW_URL"
+    headers = {"X-Sandbox-Id": "alpha", "X-Sandbox-Port": str(ws_upstream.port)}
+    with (
+        pytest.raises(InvalidStatus) as info,
+        ws_connect(router.service.internal_port, "x", additional_headers=headers),
+    ):
+        pass
+    assert info.value.response.status_code == 410
+
+
+# -- live internal tunnels ------------------------------------------------------
+
+
+def test_internal_tunnel_ends_when_its_sandbox_stops(
+    router: RouterThread, ws_upstream: WsUpstream
+) -> None:
+    router.expose("alpha", ws_upstream.port)
+    headers = {"X-Sandbox-Id": "alpha", "X-Sandbox-Port": str(ws_upstream.port)}
+    port = router.service.internal_port
+    with ws_connect(port, "x", "/echo-1", additional_headers=headers) as ws:
+        echo(ws)
+        # Unexposing the public URL does not touch the internal tunnel: it
+        # never went through that route.
+        router.commit(
+            {"op": "unexpose_port", "sandbox": "alpha", "port": ws_upstream.port}
+        )
+        echo(ws, "unexposed, still reachable inside")
+        router.commit({"op": "set_sandbox", "sandbox": "alpha", "state": "stopped"})
+        assert closed_code(ws) == 1008
+    [ended] = ws_upstream.wait_ended(1)
+    assert ended.code == 1001
+
+
+def test_drain_sends_going_away_on_internal_tunnels(
+    router: RouterThread, ws_upstream: WsUpstream
+) -> None:
+    headers = {"X-Sandbox-Id": "alpha", "X-Sandbox-Port": str(ws_upstream.port)}
+    port = router.service.internal_port
+    with ws_connect(port, "x", additional_headers=headers) as ws:
+        echo(ws)
+        router.stop()
+        assert closed_code(ws) == 1001
+    [ended] = ws_upstream.wait_ended(1)
+    assert ended.code == 1001
+
+
+# -- the public listener ignores the headers -------------------------------------
+
+
+def test_public_listener_ignores_sandbox_headers(
+    router: RouterThread, recorder: UpstreamServer
+) -> None:
+    exposed = router.expose("beta", 8080, target=f"127.0.0.1:{recorder.port}")
+    host = router.host(exposed)
+    steer = sandbox_headers("alpha", recorder.port)
+
+    # A known label: routed by the label, whatever the headers say.
+    status, _, body = http_request(router.port, host, "/", sandbox_headers("beta", 1))
+    assert status == 200
+    assert json.loads(body)["path"] == "/"
+
+    # An unknown label stays 404, even with headers naming a real sandbox
+    # and port.
+    unknown = host.replace("beta", "gamma")
+    status, _, body = http_request(router.port, unknown, "/", steer)
+    assert status == 404
+    assert error_code(body) == "INVALID_TOKEN"
+
+    # Not a preview host at all: 404 NOT_FOUND, not a route to alpha.
+    status, _, body = http_request(router.port, "example.com", "/", steer)
+    assert status == 404
+    assert error_code(body) == "NOT_FOUND"
+    assert len(recorder.seen) == 1
+
+
+def test_public_websocket_ignores_sandbox_headers(
+    router: RouterThread, ws_upstream: WsUpstream
+) -> None:
+    headers = {"X-Sandbox-Id": "alpha", "X-Sandbox-Port": str(ws_upstream.port)}
+    with (
+        pytest.raises(InvalidStatus) as info,
+        ws_connect(router.port, "example.com", additional_headers=headers),
+    ):
+        pass
+    assert info.value.response.status_code == 404
+    assert ws_upstream.requests == []
+
+
+# -- where the listener may be ----------------------------------------------------
+
+
+def test_unix_socket_internal_listener(
+    make_router: Callable[..., RouterThread],
+    tmp_path: Path,
+    recorder: UpstreamServer,
+    ws_upstream: WsUpstream,
+) -> None:
+    path = str(tmp_path / "internal.sock")
+    router = make_router(internal=f"unix:{path}")
+    assert router.service.internal_port == 0
+    router.commit({"op": "set_sandbox", "sandbox": "alpha"})
+
+    status, _, body = http_request(
+        path, "x", "/over-unix", sandbox_headers("alpha", recorder.port)
+    )
+    assert status == 200
+    seen = json.loads(body)
+    assert seen["path"] == "/over-unix"
+    # No peer address on a Unix socket: the header still has a value.
+    assert dict(seen["headers"])["X-Forwarded-For"]
+
+    headers = {"X-Sandbox-Id": "alpha", "X-Sandbox-Port": str(ws_upstream.port)}
+    with ws_connect_unix(path, "x", additional_headers=headers) as ws:
+        echo(ws)
+
+
+def test_ipv6_loopback_internal_listener(
+    make_router: Callable[..., RouterThread], recorder: UpstreamServer
+) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    try:
+        router = make_router(internal="[::1]:0")
+    except OSError as exc:
+        pytest.skip(f"cannot bind ::1: {exc}")
+    router.commit({"op": "set_sandbox", "sandbox": "alpha"})
+    with socket.create_connection(
+        ("::1", router.service.internal_port), timeout=TIMEOUT
+    ) as sock:
+        sock.sendall(
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            + sandbox_headers("alpha", recorder.port).encode()
+            + b"\r\n"
+        )
+        assert sock.recv(12) == b"HTTP/1.1 200"
+
+
+@pytest.mark.parametrize(
+    "address", ["0.0.0.0:0", "[::]:0", "192.0.2.1:8788", "example.com:8788"]
+)
+def test_non_loopback_internal_address_is_refused(address: str) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "router",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-demo",
+            "--internal",
+            address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert proc.returncode != 0
+    assert "--internal must be a loopback address or unix:PATH" in proc.stderr
