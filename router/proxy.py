@@ -1149,7 +1149,7 @@ class UpstreamConnection(asyncio.Protocol):
         client.deadline_kind = DL_NONE
         client.last_active = self.proxy.loop.time()
         tunnel = client.tunnel = Tunnel(
-            client.transport, self.transport, client.route_id
+            client.transport, self.transport, client.route_id, self.proxy.loop
         )
         if self.buf:
             tunnel.from_upstream(self.buf)

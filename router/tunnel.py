@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from wsproto.frame_protocol import FrameProtocol
 
+from .splice import MIN_SPLICE, SpliceRelay, can_splice
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -108,6 +110,8 @@ class Tunnel:
         "client",
         "client_told",
         "closing",
+        "loop",
+        "relays",
         "route_id",
         "to_client",
         "to_upstream",
@@ -120,10 +124,15 @@ class Tunnel:
         client: asyncio.Transport,
         upstream: asyncio.Transport,
         route_id: int,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.client = client
         self.upstream = upstream
         self.route_id = route_id
+        # Large frame payloads are spliced in the kernel (router.splice);
+        # one relay at most per direction, keyed by that direction's tracker.
+        self.loop = loop
+        self.relays: dict[FrameTracker, SpliceRelay] = {}
         self.to_client = FrameTracker()
         self.to_upstream = FrameTracker()
         # (client code, upstream code, reason) once an ending is decided.
@@ -142,6 +151,8 @@ class Tunnel:
         if self.closing is None:
             tracker.feed(data)
             out.write(data)
+            if tracker.need >= MIN_SPLICE and self.loop is not None:
+                self._splice(tracker, out)
             return
 
         # Ending: pass on only the rest of the frame in flight, then close.
@@ -149,6 +160,37 @@ class Tunnel:
             cut = _frame_rest(tracker, data)
             out.write(data[:cut])
         self._try_finish()
+
+    def _splice(self, tracker: FrameTracker, out: Any) -> None:
+        """Move the rest of a large frame's payload without Python copies.
+
+        Only the payload is spliced, and exactly up to the frame's end, so
+        the tracker is at a boundary when the relay is done: frame headers
+        and small frames still pass through ``_relay``.
+        """
+        src = self.upstream if out is self.client else self.client
+        if tracker in self.relays or not can_splice(src, out, tracker.need):
+            return
+        assert self.loop is not None
+
+        def done(ok: bool) -> None:
+            del self.relays[tracker]
+            if not ok:
+                self.peer_lost("upstream" if src is self.upstream else "client")
+                return
+            tracker.need = 0
+            if self.closing is not None:
+                self._try_finish()
+
+        self.relays[tracker] = SpliceRelay(self.loop, src, out, tracker.need, done)
+
+    def _cancel_relays(self) -> None:
+        # A relay holds duplicates of both sockets: closing the transports
+        # alone would leave the connections open.
+        relays = list(self.relays.values())
+        self.relays.clear()
+        for relay in relays:
+            relay.cancel()
 
     def end(self, client_code: int, upstream_code: int, reason: str) -> None:
         """Close both sides with close frames, as soon as framing allows."""
@@ -176,6 +218,7 @@ class Tunnel:
         # flight would be cut short at the other end, and that end's close
         # frame could then never be sent.  (The caller bounds the wait.)
         if self.client_told and self.upstream_told:
+            self._cancel_relays()
             self.client.close()
             self.upstream.close()
 
@@ -187,6 +230,7 @@ class Tunnel:
         unless a close frame already went its way; an upstream whose client
         vanished is simply closed.
         """
+        self._cancel_relays()
         if side == "upstream":
             if not self.client.is_closing():
                 told = self.client_told or self.to_client.saw_close
