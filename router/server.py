@@ -18,8 +18,10 @@ import sys
 from typing import Any
 
 from . import __version__, speedups
+from .admin import AdminConnection
 from .app import Router
 from .config import Config
+from .control import stats as control_stats
 from .demo import DEMO_SANDBOX, DEMO_TOKEN, start_demo
 from .errors import RouterError, StoreError
 from .proxy import Proxy
@@ -55,6 +57,7 @@ class Service:
         self.public_port = 0
         self.demo_url: str | None = None
         self.internal_proxy: Proxy | None = None
+        self.admin_port = 0
         # The bound port of a TCP --internal listener (0 for unix:PATH), so
         # that ``--internal 127.0.0.1:0`` can be used and found.
         self.internal_port = 0
@@ -90,6 +93,13 @@ class Service:
                 router.table.domains[0], self.public_port
             )
 
+        router.stats_hooks.append(
+            lambda: {
+                "connections": len(proxy.clients),
+                "proxy": proxy.stats.as_dict(),
+            }
+        )
+
         # 3. The trusted internal entry, loopback or a Unix socket only.
         if config.internal:
             inner = Proxy(config, router.table.forwarding, loop, internal=True)
@@ -118,7 +128,21 @@ class Service:
 
             self.control = await start_control(router, config)
 
-        # 5. The demo, when nothing else tells the router what to serve.
+        # 5. Health and counters for operators.
+        if config.admin:
+            ahost, aport = split_hostport(config.admin, "--admin")
+
+            def counters() -> dict[str, Any]:
+                return control_stats(router.table, [h() for h in router.stats_hooks])
+
+            server = await loop.create_server(
+                lambda: AdminConnection(counters, lambda: proxy.draining), ahost, aport
+            )
+            self.servers.append(server)
+            self.admin_port = server.sockets[0].getsockname()[1]
+            log.info("admin listening on %s:%d", ahost, self.admin_port)
+
+        # 6. The demo, when nothing else tells the router what to serve.
         demo = config.demo
         if demo is None:
             demo = not (config.state or config.control or config.control_tcp)
