@@ -1,6 +1,6 @@
 """HTTP/1.1 message heads and chunked framing: the pure-Python twin.
 
-This module and ``router._chttp`` (built from ``_speedups/http.pyx``) export
+This module and ``router._chttp`` (built from ``_speedups/router/_chttp.pyx``) export
 the same names and give the same answers; the Cython file follows this one
 function by function so that the two can be read side by side.  Neither does
 IO: bytes go in, a parsed head (or ``None`` while the head is incomplete)
@@ -22,6 +22,9 @@ differential tests in ``tests/test_http_parser.py`` list the same cases:
   to 10**20 bytes.
 * An absolute-form target whose authority is empty, carries userinfo or
   differs from Host is refused (SPEC §1, RFC 9110 §4.2); h11 does not look.
+* Any other target must be a path from ``/``, or ``*`` for OPTIONS (RFC 9112
+  §3.2); authority-form (CONNECT) is not served.  h11 takes any visible
+  characters.
 * A chunk-size line is refused as soon as no ending could make it valid; h11
   waits for its CRLF first, then refuses it too.
 * A head longer than ``max_head`` is refused even when it arrived complete;
@@ -440,7 +443,8 @@ def _parse_fields(lines: list[bytes]) -> _Fields:
         if colon <= 0 or name.translate(None, _TCHAR):
             if line[0] in b" \t":
                 raise _bad("obsolete line folding in header section")
-            raise _bad(f"malformed header line {line[:40]!r}")
+            shown = line[:40].decode("latin-1")
+            raise _bad(f"malformed header line {shown!r}")
         value = line[colon + 1 :].strip(b" \t")
         headers.append((name, value))
         kinds.append(_note_field(fields, name, value))
@@ -586,6 +590,17 @@ def parse_request(buf: bytes, max_head: int) -> RequestHead | None:
         raise _bad("missing Host header")
     origin_form = target
     absolute = _absolute_form(target)
+    if (
+        absolute is None
+        and target[:1] != b"/"
+        and (method, target) != (b"OPTIONS", b"*")
+    ):
+        # RFC 9112 §3.2: origin-form starts with "/"; authority-form is for
+        # CONNECT, which a preview router does not serve.  h11 accepts any
+        # visible characters here.
+        raise _bad(
+            "request-target must be a path from '/', absolute-form, or '*' for OPTIONS"
+        )
     if absolute is not None:
         # SPEC §1: the authority of an absolute-form target is the host, and
         # must not disagree with a Host header sent beside it.

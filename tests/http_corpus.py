@@ -47,6 +47,9 @@ FOLD = "RFC 9112 §5.2 allows 400 for obs-fold in a request; h11 unfolds it"
 VERSION = "only HTTP/1.0 and 1.1 are served; h11 takes any DIGIT.DIGIT"
 HUGE = "a body that large can never be sent; h11 would wait for it"
 AUTHORITY = "SPEC §1 and RFC 9110 §4.2: absolute-form authority; h11 ignores it"
+ORIGIN = (
+    "RFC 9112 §3.2: a target is a path from '/', absolute or OPTIONS *; h11 takes any"
+)
 EARLY = "a chunk-size line is refused once it cannot be valid; h11 waits for CRLF"
 
 REQUESTS = [
@@ -65,6 +68,9 @@ REQUESTS = [
     ),
     Case("http10 without host", _msg("GET / HTTP/1.0||"), "ok"),
     Case("options star", _msg("OPTIONS * HTTP/1.1|Host: a||"), "ok"),
+    Case("path without slash", _msg("GET foo HTTP/1.1|Host: a||"), "error", ORIGIN),
+    Case("star for get", _msg("GET * HTTP/1.1|Host: a||"), "error", ORIGIN),
+    Case("authority form", _msg("CONNECT a:443 HTTP/1.1|Host: a||"), "error", ORIGIN),
     Case("post length", _post("Content-Length: 5", body=b"hello"), "ok"),
     Case("post length zero", _post("Content-Length: 0"), "ok"),
     Case("length leading zeros", _post("Content-Length: 0005", body=b"hello"), "ok"),

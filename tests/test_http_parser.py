@@ -182,9 +182,15 @@ def _stricter_request(request: Any, raw_head: bytes) -> bool:
     if lengths and lengths[0] > MAX_LENGTH:
         return True
 
+    # RFC 9112 §3.2: a path from "/", absolute-form, or "*" for OPTIONS;
+    # h11 takes any visible characters as the target.
+    absolute = _ABSOLUTE.match(request.target)
+    star = (request.method, request.target) == (b"OPTIONS", b"*")
+    if not absolute and not request.target.startswith(b"/") and not star:
+        return True
+
     # SPEC §1, RFC 9110 §4.2: the absolute-form authority must be a host
     # without userinfo, and agree with the Host header.
-    absolute = _ABSOLUTE.match(request.target)
     if absolute:
         authority = absolute.group(1)
         hosts = [v for n, v in headers if n == b"host"]

@@ -352,7 +352,8 @@ cdef _Fields _parse_fields(
         if colon == pos or colon == end or buf[colon] != b":":
             if _is_space(buf[pos]):
                 raise _bad("obsolete line folding in header section")
-            raise _bad(f"malformed header line {buf[pos:min(end, pos + 40)]!r}")
+            shown = buf[pos:min(end, pos + 40)].decode("latin-1")
+            raise _bad(f"malformed header line {shown!r}")
 
         # RFC 9112 §5.1: the field value is stripped of OWS on both sides.
         value = colon + 1
@@ -658,6 +659,18 @@ cdef object _parse_request(const char* buf, Py_ssize_t size, Py_ssize_t max_head
     target = PyBytes_FromStringAndSize(buf + first + 1, second - first - 1)
     origin_form = target
     absolute = _absolute_form(target)
+    if absolute is None and buf[first + 1] != b"/" and not (
+        second - first - 1 == 1
+        and buf[first + 1] == b"*"
+        and first == 7
+        and memcmp(buf, b"OPTIONS", 7) == 0
+    ):
+        # RFC 9112 §3.2: origin-form starts with "/"; authority-form is for
+        # CONNECT, which a preview router does not serve.  h11 accepts any
+        # visible characters here.
+        raise _bad(
+            "request-target must be a path from '/', absolute-form, or '*' for OPTIONS"
+        )
     if absolute is not None:
         # SPEC §1: the authority of an absolute-form target is the host, and
         # must not disagree with a Host header sent beside it.
