@@ -12,11 +12,14 @@ import asyncio
 import gc
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .routes import RouteTable, Transaction
 from .store import Store
+
+if TYPE_CHECKING:
+    from .workers import Follower
 
 log = logging.getLogger("edge_router")
 
@@ -44,6 +47,9 @@ class Router:
         # Each hook returns counters that ``stats`` on the control socket
         # merges into its answer (the proxy adds its own here).
         self.stats_hooks: list[Callable[[], dict[str, Any]]] = []
+        # Worker processes that must apply a change before it is
+        # acknowledged (``router.workers.Follower``).
+        self.followers: list[Follower] = []
         self.table.listeners.append(self._announce)
 
     @property
@@ -103,7 +109,14 @@ class Router:
         while self._pending:
             group, self._pending = self._pending, []
             async with self._lock:
-                await self._commit_group(group)
+                try:
+                    await self._commit_group(group)
+                except Exception as exc:
+                    # A fault of the router itself, not of the request: every
+                    # caller still gets an answer instead of waiting forever.
+                    log.exception("route commit failed")
+                    for _, _, done in group:
+                        _settle(done, exc=exc)
 
     async def _commit_group(
         self, group: list[tuple[list[dict[str, Any]], bool, asyncio.Future[Any]]]
@@ -138,17 +151,52 @@ class Router:
                     _settle(done, exc=exc)
                 return
 
-        # 3. Acknowledge in version order.
-        for txn, done in prepared:
+        # 3. Acknowledge in version order, once every worker process has the
+        #    changes too (a revoked URL must be dead in all of them).
+        for txn, _ in prepared:
             self.table.finish(txn)
+        if changed and self.followers:
+            await self._sync_followers(max(txn.version for txn in changed))
+        for txn, done in prepared:
             _settle(done, result=txn)
+
+    async def _sync_followers(self, version: int) -> None:
+        results = await asyncio.gather(
+            *(f.synced(version) for f in self.followers), return_exceptions=True
+        )
+        for follower, result in zip(list(self.followers), results, strict=True):
+            if isinstance(result, BaseException):
+                # Late or gone: it cannot be trusted to have the change, so
+                # it is replaced by one started from the current table.
+                log.error(
+                    "worker %d did not apply version %d (%r); restarting it",
+                    follower.number,
+                    version,
+                    result,
+                )
+                self.watchers.discard(follower.forward)
+                await follower.stop()
+                follower.stopping = False
+                try:
+                    await follower.start(self.table.snapshot())
+                except (OSError, TimeoutError, ConnectionError) as exc:
+                    log.error("worker %d could not restart: %r", follower.number, exc)
+                    await follower.stop()
+                    self.followers.remove(follower)
+                    continue
+                self.watchers.add(follower.forward)
 
     def _announce(self, txn: Transaction) -> None:
         for rec in txn.changes:
             log.info("route change v%d: %s", txn.version, _describe(rec))
         msg = txn.message()
         for watcher in list(self.watchers):
-            watcher(msg)
+            # One broken follower or watcher must not stop the others, nor
+            # the acknowledgement of a change that is already stored.
+            try:
+                watcher(msg)
+            except Exception:
+                log.exception("route change not passed to %r", watcher)
 
     def close(self) -> None:
         if self.store is not None:

@@ -25,6 +25,7 @@ from .control import stats as control_stats
 from .demo import DEMO_SANDBOX, DEMO_TOKEN, start_demo
 from .errors import RouterError, StoreError
 from .proxy import Proxy
+from .workers import Follower
 
 log = logging.getLogger("edge_router")
 
@@ -66,14 +67,8 @@ class Service:
         config = self.config
         loop = asyncio.get_running_loop()
         host, port = split_hostport(config.listen, "--listen")
-        if config.workers != 1:
-            # The flag is part of the fixed interface (SPEC §7), but worker
-            # processes that follow the table over the watch stream are not
-            # built yet; refusing beats silently running one process.
-            raise RouterError(
-                f"--workers {config.workers}: only one worker process is "
-                "supported in this version"
-            )
+        if config.workers < 1:
+            raise RouterError(f"--workers must be at least 1, not {config.workers}")
 
         # 1. The table, from the store when there is one.
         router = self.router = Router(config, public_port=port or None)
@@ -84,10 +79,23 @@ class Service:
         router.watchers.add(proxy.on_change)
         proxy.start()
         server = await loop.create_server(
-            proxy.protocol, host, port, reuse_address=True, backlog=2048
+            proxy.protocol,
+            host,
+            port,
+            reuse_address=True,
+            reuse_port=config.workers > 1,
+            backlog=2048,
         )
         self.servers.append(server)
         self.public_port = server.sockets[0].getsockname()[1]
+
+        # 2b. Followers on the same port, before any change can happen: each
+        #     starts from a snapshot and then gets every change (workers.py).
+        for number in range(1, config.workers):
+            follower = Follower(number, config, self.public_port)
+            await follower.start(router.table.snapshot())
+            router.watchers.add(follower.forward)
+            router.followers.append(follower)
         if port == 0:
             router.table.default_hostname = _local_hostname(
                 router.table.domains[0], self.public_port
@@ -195,6 +203,8 @@ class Service:
         for p in proxies:
             p.stop()
         if self.router is not None:
+            for follower in self.router.followers:
+                await follower.stop()
             self.router.close()
         log.info("stopped")
 
