@@ -113,6 +113,7 @@ class Proxy:
             parse_target(config.fallback) if config.fallback else None
         )
         self.pools: dict[tuple[str, Address], list[UpstreamConnection]] = {}
+        self.local_hosts: dict[int, bytes] = {}
         self.clients: set[ClientConnection] = set()
         # route_id → connections relaying a request of that route right now.
         self.by_route: dict[int, set[ClientConnection]] = {}
@@ -120,6 +121,11 @@ class Proxy:
         self.tunnel_idle = config.tunnel_idle_timeout
         self.stats = Stats()
         self._sweeper: asyncio.TimerHandle | None = None
+
+    def local_host(self, port: int) -> bytes:
+        """``localhost:{port}``, the rewritten Host, made once per port."""
+        host = self.local_hosts[port] = b"localhost:%d" % port
+        return host
 
     # -- lifecycle -------------------------------------------------------
 
@@ -271,6 +277,7 @@ class ClientConnection(asyncio.Protocol):
         "deadline",
         "deadline_kind",
         "forwarded",
+        "forwarded_for",
         "head",
         "keep_alive",
         "label",
@@ -299,6 +306,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.forwarded = b""
+        self.forwarded_for = b""
         self.buf = b""
         self.state = HEAD
         self.deadline = 0.0
@@ -341,6 +349,7 @@ class ClientConnection(asyncio.Protocol):
         # X-Forwarded-Proto and -Port depend only on the listener; -For on
         # the peer.  Built once per connection, not per request.
         self.forwarded = b"X-Forwarded-Proto: http\r\nX-Forwarded-Port: %d\r\n" % port
+        self.forwarded_for = b"X-Forwarded-For: " + self.peer.encode() + b"\r\n"
         self._arm(DL_IDLE, proxy.config.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -468,13 +477,17 @@ class ClientConnection(asyncio.Protocol):
         self.sandbox = sandbox.name
         target = table.targets[target_slot] if target_slot else None
         address = target if target is not None else (sandbox.upstream_host, port)
-        proxy.by_route.setdefault(route_id, set()).add(self)
+        conns = proxy.by_route.get(route_id)
+        if conns is None:
+            proxy.by_route[route_id] = {self}
+        else:
+            conns.add(self)
 
         # 2. Host sent upstream: the public one, or what dev servers accept.
         if flags & FLAG_PRESERVE_HOST:
             host = head.host or b""
         else:
-            host = b"localhost:%d" % port
+            host = proxy.local_hosts.get(port) or proxy.local_host(port)
         self._dispatch((sandbox.name, address), host)
 
     def _route_internal(self, head: Any) -> None:
@@ -545,12 +558,12 @@ class ClientConnection(asyncio.Protocol):
             self._request_body(rest)
 
     def _forwarded_for(self, head: Any) -> bytes:
-        peer = self.peer.encode()
         host = head.host or b""
         if self.proxy.trusted and self._trusted():
-            return self._forwarded_trusted(head, peer, host)
-        extra = self.forwarded + b"X-Forwarded-Host: " + host + b"\r\n"
-        return extra + b"X-Forwarded-For: " + peer + b"\r\n"
+            return self._forwarded_trusted(head, self.peer.encode(), host)
+        return b"".join(
+            (self.forwarded, b"X-Forwarded-Host: ", host, b"\r\n", self.forwarded_for)
+        )
 
     def _forwarded_trusted(self, head: Any, peer: bytes, host: bytes) -> bytes:
         # SPEC §4: a trusted proxy in front (a TLS terminator, a balancer)
