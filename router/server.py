@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -115,9 +116,14 @@ class Service:
             inner.start()
             self.internal_proxy = inner
             if config.internal.startswith("unix:"):
+                # Bound, narrowed to the owner, and only then listening: the
+                # entry skips token checks, so no other user may connect.
+                path = config.internal[5:]
                 server = await loop.create_unix_server(
-                    inner.protocol, config.internal[5:]
+                    inner.protocol, path, start_serving=False
                 )
+                os.chmod(path, 0o600)
+                await server.start_serving()
             else:
                 ihost, iport = split_hostport(config.internal, "--internal")
                 if not _is_loopback(ihost):

@@ -8,6 +8,7 @@ those headers.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -253,6 +254,8 @@ def test_unix_socket_internal_listener(
     path = str(tmp_path / "internal.sock")
     router = make_router(internal=f"unix:{path}")
     assert router.service.internal_port == 0
+    # The entry skips token checks: only the router's own user may use it.
+    assert os.stat(path).st_mode & 0o777 == 0o600
     router.commit({"op": "set_sandbox", "sandbox": "alpha"})
 
     status, _, body = http_request(
