@@ -161,10 +161,11 @@ class Router:
             _settle(done, result=txn)
 
     async def _sync_followers(self, version: int) -> None:
+        followers = list(self.followers)
         results = await asyncio.gather(
-            *(f.synced(version) for f in self.followers), return_exceptions=True
+            *(f.synced(version) for f in followers), return_exceptions=True
         )
-        for follower, result in zip(list(self.followers), results, strict=True):
+        for follower, result in zip(followers, results, strict=True):
             if isinstance(result, BaseException):
                 # Late or gone: it cannot be trusted to have the change, so
                 # it is replaced by one started from the current table.
@@ -174,17 +175,27 @@ class Router:
                     version,
                     result,
                 )
-                self.watchers.discard(follower.forward)
-                await follower.stop()
-                follower.stopping = False
-                try:
-                    await follower.start(self.table.snapshot())
-                except (OSError, TimeoutError, ConnectionError) as exc:
-                    log.error("worker %d could not restart: %r", follower.number, exc)
-                    await follower.stop()
-                    self.followers.remove(follower)
-                    continue
-                self.watchers.add(follower.forward)
+                await self._restart_follower(follower)
+
+    async def replace_follower(self, follower: Follower) -> None:
+        """A worker process exited on its own: start a new one now."""
+        async with self._lock:
+            if follower in self.followers and not follower.alive:
+                await self._restart_follower(follower)
+
+    async def _restart_follower(self, follower: Follower) -> None:
+        # Under the lock: the snapshot and the stream after it must agree.
+        self.watchers.discard(follower.forward)
+        await follower.stop()
+        follower.stopping = False
+        try:
+            await follower.start(self.table.snapshot())
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            log.error("worker %d could not restart: %r", follower.number, exc)
+            await follower.stop()
+            self.followers.remove(follower)
+            return
+        self.watchers.add(follower.forward)
 
     def _announce(self, txn: Transaction) -> None:
         for rec in txn.changes:

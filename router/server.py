@@ -60,6 +60,7 @@ class Service:
         self.demo_url: str | None = None
         self.internal_proxy: Proxy | None = None
         self.admin_port = 0
+        self._tasks: set[asyncio.Task[None]] = set()
         # The bound port of a TCP --internal listener (0 for unix:PATH), so
         # that ``--internal 127.0.0.1:0`` can be used and found.
         self.internal_port = 0
@@ -94,6 +95,7 @@ class Service:
         #     starts from a snapshot and then gets every change (workers.py).
         for number in range(1, config.workers):
             follower = Follower(number, config, self.public_port)
+            follower.on_exit = self._replace_follower
             await follower.start(router.table.snapshot())
             router.watchers.add(follower.forward)
             router.followers.append(follower)
@@ -188,6 +190,14 @@ class Service:
         if self.demo_url:
             log.info("demo route ready: curl %s", self.demo_url)
             print(f"Demo preview URL: {self.demo_url}", flush=True)
+
+    def _replace_follower(self, follower: Follower) -> None:
+        if self.router is not None and not self.stopping.is_set():
+            task = asyncio.get_running_loop().create_task(
+                self.router.replace_follower(follower), name="replace-worker"
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def drain(self) -> None:
         """Stop accepting, let requests in flight finish, then close."""

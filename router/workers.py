@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -52,6 +53,13 @@ class Follower:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._reader: asyncio.Task[None] | None = None
         self.stopping = False
+        # Called when the process exits without being asked to (the primary
+        # then starts a replacement: ``Router.replace_follower``).
+        self.on_exit: Callable[[Follower], object] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
 
     async def start(self, snapshot: dict[str, Any]) -> None:
         settings = {
@@ -125,12 +133,14 @@ class Follower:
                     keep.append((wanted, done))
             self._waiters = keep
         code = await self.proc.wait()
-        if not self.stopping:
-            log.error("worker %d exited with %s", self.number, code)
         for _, done in self._waiters:
             if not done.done():
                 done.set_exception(ConnectionError("worker exited"))
         self._waiters = []
+        if not self.stopping:
+            log.error("worker %d exited with %s", self.number, code)
+            if self.on_exit is not None:
+                self.on_exit(self)
 
     async def synced(self, version: int) -> None:
         """Wait until the follower has applied ``version``."""

@@ -137,11 +137,16 @@ def test_a_dead_worker_is_replaced_from_the_current_table(
         (worker,) = children(primary)
         os.kill(worker, signal.SIGKILL)
 
-        # The next change cannot be acknowledged by the dead worker: a new
-        # one is started from the table as it now is, then the change lands.
-        second = ctl.expose_port("other", up.port, token="two")
-        (replacement,) = children(primary)
+        # A replacement starts on its own, from the table as it now is.
+        deadline = time.monotonic() + 10
+        while (now := children(primary)) in ([], [worker]):
+            assert time.monotonic() < deadline, "no replacement worker"
+            time.sleep(0.05)
+        (replacement,) = now
         assert replacement != worker
+
+        # It serves the old route and follows new changes.
+        second = ctl.expose_port("other", up.port, token="two")
         for exposed in (first, second):
             host = exposed.url.split("//", 1)[1].split("/", 1)[0]
             assert [fetch(port, host) for _ in range(20)] == [200] * 20
