@@ -1255,7 +1255,3 @@ def _drop_transfer_encoding(head: bytes) -> bytes:
     lines = head.split(b"\r\n")
     kept = [ln for ln in lines if not ln.lower().startswith(b"transfer-encoding:")]
     return b"\r\n".join(kept)
-
-
-def make_table_listener(proxy: Proxy) -> Callable[[dict[str, Any]], None]:
-    return proxy.on_change
