@@ -793,9 +793,14 @@ class ClientConnection(asyncio.Protocol):
             close = True
         if self.transport is not None:
             if message is None:
-                self.transport.write(answers.cached(code, close, is_head))
+                data = answers.cached(code, close, is_head)
             else:
-                self.transport.write(answers.answer(code, message, close, is_head))
+                data = answers.answer(code, message, close, is_head)
+            if not close and head is not None and head.version == 10:
+                # As for relayed answers: a 1.0 client must be told to stay.
+                end = data.index(b"\r\n\r\n")
+                data = data[:end] + b"\r\nConnection: keep-alive" + data[end:]
+            self.transport.write(data)
         self.keep_alive = not close
         self.req_done = True
         self.upstream = None
@@ -1037,6 +1042,10 @@ class UpstreamConnection(asyncio.Protocol):
         out = http.render_response(head, close)
         if self.dechunk:
             out = _drop_transfer_encoding(out)
+        elif not close and client.head is not None and client.head.version == 10:
+            # An HTTP/1.0 client keeps the connection only when told so
+            # (RFC 9112 §9.3); ``ab -k`` and other 1.0 load tools rely on it.
+            out = out[:-2] + b"Connection: keep-alive\r\n\r\n"
         client.sent = 0
 
         if head.framing == http.BODY_NONE or (

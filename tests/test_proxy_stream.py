@@ -856,6 +856,20 @@ def test_http10_client_with_keep_alive(make_router: MakeRouter) -> None:
                 )
                 response = wire.response()
                 assert response.status == 200 and response.json()["path"] == path
+                # A 1.0 client reuses the connection only when told to.
+                assert response.get("Connection") == "keep-alive"
+            # The router's own answers say so too.
+            wire.send(
+                request_bytes(
+                    "1-no-such.localhost",
+                    "/",
+                    version="1.0",
+                    headers=[("Connection", "keep-alive")],
+                )
+            )
+            response = wire.response()
+            assert response.status == 404
+            assert response.get("Connection") == "keep-alive"
             assert not wire.closed_within(0.2)
         assert [s["path"] for s in up.seen] == ["/1", "/2"]
 
