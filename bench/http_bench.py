@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from signal import SIGINT, SIGTERM
 
+from proctools import children, cpu_ticks, free_port, pin, proc_stat
+
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -111,26 +113,6 @@ SCENARIOS = (
 # -- processes -----------------------------------------------------------
 
 
-def proc_stat(pid: int) -> list[str] | None:
-    """Fields 3.. of ``/proc/<pid>/stat`` (the command name may hold spaces)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = proc_stat(int(entry))
-            if stat is not None and int(stat[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
 def machine_busy_ticks() -> int:
     """Busy time of all cores (``/proc/stat``), steal included: a core taken
     by another virtual machine is as unavailable as a busy one."""
@@ -147,16 +129,6 @@ def own_ticks() -> int:
         usage = resource.getrusage(who)
         total += usage.ru_utime + usage.ru_stime
     return round(total * CLK_TCK)
-
-
-def cpu_ticks(pids: list[int]) -> int:
-    """utime + stime of these processes, in clock ticks."""
-    total = 0
-    for pid in pids:
-        stat = proc_stat(pid)
-        if stat is not None:
-            total += int(stat[11]) + int(stat[12])
-    return total
 
 
 @dataclass
@@ -232,17 +204,6 @@ class Processes:
                 self.stop(proc)
             except OSError as exc:
                 print(f"warning: stopping {proc.name} ({proc.pid}): {exc}")
-
-
-def pin(cpu: str, *argv: str) -> list[str]:
-    """``argv`` run on the given core(s); taskset execs it, so the PID stays."""
-    return ["taskset", "-c", cpu, *argv]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_listening(proc: Started, port: int, timeout: float = 15.0) -> None:

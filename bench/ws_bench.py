@@ -64,6 +64,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proctools import children, cpu_ticks, free_port, pin
+
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -363,33 +365,9 @@ async def close_tunnels(conns: list[LoadConnection]) -> None:
 # -- processes --------------------------------------------------------------------
 
 
-def proc_stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
 def family(pid: int) -> list[int]:
     """The process and its children (an nginx master and its worker)."""
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = proc_stat(int(entry))
-            if stat is not None and int(stat[1]) == pid:
-                kids.append(int(entry))
-    return [pid, *kids]
-
-
-def cpu_ticks(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        stat = proc_stat(pid)
-        if stat is not None:
-            total += int(stat[11]) + int(stat[12])
-    return total
+    return [pid, *children(pid)]
 
 
 def tail(path: Path, lines: int = 20) -> str:
@@ -446,17 +424,6 @@ class Processes:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(5)
-
-
-def pin(cpu: str, *argv: str) -> list[str]:
-    """taskset execs the command, so the PID is the command's own."""
-    return ["taskset", "-c", cpu, *argv]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
