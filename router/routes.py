@@ -624,6 +624,9 @@ class ForwardingTable:
         self.targets: list[tuple[str, int] | str | None] = [None]
         self.target_slots: dict[str, int] = {}
         self.target_refs: list[int] = [0]
+        # slot → the target as exposed, so a freed slot's key is found
+        # without scanning ``target_slots``.
+        self.target_names: list[str | None] = [None]
         self._free_target_slots: list[int] = []
 
     def apply(self, rec: Record) -> None:
@@ -690,9 +693,11 @@ class ForwardingTable:
             if self._free_target_slots:
                 slot = self._free_target_slots.pop()
                 self.targets[slot] = parsed
+                self.target_names[slot] = target
             else:
                 slot = len(self.targets)
                 self.targets.append(parsed)
+                self.target_names.append(target)
                 self.target_refs.append(0)
             self.target_slots[target] = slot
         self.target_refs[slot] += 1
@@ -703,11 +708,12 @@ class ForwardingTable:
             return
         self.target_refs[slot] -= 1
         if self.target_refs[slot] == 0:
+            name = self.target_names[slot]
+            assert name is not None
+            del self.target_slots[name]
             self.targets[slot] = None
+            self.target_names[slot] = None
             self._free_target_slots.append(slot)
-            self.target_slots = {
-                t: s for t, s in self.target_slots.items() if s != slot
-            }
 
     def load_snapshot(self, snap: dict[str, Any]) -> None:
         self.__init__(tuple(d.decode() for d in self.domains))  # type: ignore[misc]
