@@ -1,9 +1,11 @@
 """Build the compiled twins in ``_speedups/`` as extension modules of ``router``.
 
 Each ``_speedups/router/_cX.pyx`` (with its ``.pxd``) becomes the module
-``router._cX``; its pure-Python twin is ``router/_X_py.py``.  The sources sit
-under ``_speedups/router/`` so that Cython finds each module's ``.pxd`` by
-the module's full name.  If the compiler is missing the install still succeeds and
+``router._cX``; its pure-Python twin is ``router/_X_py.py``.  A module without
+a ``.pyx`` is compiled from its pure twin in Cython's pure-Python mode, with
+the C types of ``_speedups/router/_cX.pxd``.  The declarations sit under
+``_speedups/router/`` so that Cython finds each module's ``.pxd`` by the
+module's full name.  If the compiler is missing the install still succeeds and
 the package runs on the pure twins (``router.speedups`` says which are in use).
 """
 
@@ -13,7 +15,7 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-MODULES = ["labels", "http"]
+MODULES = ["labels", "http", "tunnel", "proxy"]
 
 
 class OptionalBuildExt(build_ext):
@@ -22,13 +24,13 @@ class OptionalBuildExt(build_ext):
     def run(self) -> None:
         try:
             super().run()
-        except Exception as exc:  # noqa: BLE001 - any compiler failure
+        except Exception as exc:
             self._warn(exc)
 
     def build_extension(self, ext: Extension) -> None:
         try:
             super().build_extension(ext)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._warn(exc)
 
     @staticmethod
@@ -40,6 +42,11 @@ class OptionalBuildExt(build_ext):
         )
 
 
+def source(name: str) -> str:
+    pyx = f"_speedups/router/_c{name}.pyx"
+    return pyx if os.path.exists(pyx) else f"router/_{name}_py.py"
+
+
 def extensions() -> list[Extension]:
     if os.environ.get("EDGE_ROUTER_PURE_BUILD"):
         return []
@@ -49,27 +56,37 @@ def extensions() -> list[Extension]:
         OptionalBuildExt._warn(ImportError("Cython is not installed"))
         return []
     exts = [
-        Extension(
-            f"router._c{name}",
-            [f"_speedups/router/_c{name}.pyx"],
-            extra_compile_args=["-O2"],
-        )
+        Extension(f"router._c{name}", [source(name)], extra_compile_args=["-O2"])
         for name in MODULES
-        if os.path.exists(f"_speedups/router/_c{name}.pyx")
     ]
+    directives = {
+        "boundscheck": False,
+        "wraparound": False,
+        "cdivision": True,
+        "embedsignature": True,
+    }
+    # The pure-mode module keeps Python's semantics (negative indices, index
+    # checks): it is the pure twin's very source.  Its annotations are for
+    # mypy; its C types come from its .pxd only.
+    pure_mode = {
+        "embedsignature": True,
+        "annotation_typing": False,
+        "auto_pickle": False,
+    }
     try:
-        return cythonize(
-            exts,
-            include_path=["_speedups"],
-            language_level=3,
-            compiler_directives={
-                "boundscheck": False,
-                "wraparound": False,
-                "cdivision": True,
-                "embedsignature": True,
-            },
-        )
-    except Exception as exc:  # noqa: BLE001 - a Cython compile error
+        return [
+            built
+            for ext in exts
+            for built in cythonize(
+                [ext],
+                include_path=["_speedups"],
+                language_level=3,
+                compiler_directives=(
+                    directives if ext.sources[0].endswith(".pyx") else pure_mode
+                ),
+            )
+        ]
+    except Exception as exc:
         OptionalBuildExt._warn(exc)
         return []
 

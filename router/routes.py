@@ -716,7 +716,17 @@ class ForwardingTable:
             self._free_target_slots.append(slot)
 
     def load_snapshot(self, snap: dict[str, Any]) -> None:
-        self.__init__(tuple(d.decode() for d in self.domains))  # type: ignore[misc]
+        # Emptied in place, never replaced: the data path holds on to the
+        # index and the lists (router.speedups.proxy.Proxy).
+        self.index.clear()
+        self.sandboxes[:] = [None]
+        self.sandbox_slots.clear()
+        self._free_sandbox_slots.clear()
+        self.targets[:] = [None]
+        self.target_slots.clear()
+        self.target_refs[:] = [0]
+        self.target_names[:] = [None]
+        self._free_target_slots.clear()
         for sb in snap["sandboxes"]:
             self.put_sandbox(Sandbox(sb["name"], sb["upstream_host"], sb["state"]))
         for r in snap["routes"]:

@@ -25,7 +25,6 @@ from .config import Config
 from .control import stats as control_stats
 from .demo import DEMO_SANDBOX, DEMO_TOKEN, start_demo
 from .errors import RouterError, StoreError
-from .proxy import Proxy
 from .workers import Follower
 
 log = logging.getLogger("edge_router")
@@ -52,13 +51,13 @@ class Service:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.router: Router | None = None
-        self.proxy: Proxy | None = None
+        self.proxy: speedups.proxy.Proxy | None = None
         self.servers: list[asyncio.Server] = []
         self.control: Any = None
         self.stopping = asyncio.Event()
         self.public_port = 0
         self.demo_url: str | None = None
-        self.internal_proxy: Proxy | None = None
+        self.internal_proxy: speedups.proxy.Proxy | None = None
         self.admin_port = 0
         self._tasks: set[asyncio.Task[None]] = set()
         # The bound port of a TCP --internal listener (0 for unix:PATH), so
@@ -77,7 +76,7 @@ class Service:
         router.open_store()
 
         # 2. The public listener.
-        proxy = self.proxy = Proxy(config, router.table.forwarding, loop)
+        proxy = self.proxy = speedups.proxy.Proxy(config, router.table.forwarding, loop)
         router.watchers.add(proxy.on_change)
         proxy.start()
         server = await loop.create_server(
@@ -113,7 +112,9 @@ class Service:
 
         # 3. The trusted internal entry, loopback or a Unix socket only.
         if config.internal:
-            inner = Proxy(config, router.table.forwarding, loop, internal=True)
+            inner = speedups.proxy.Proxy(
+                config, router.table.forwarding, loop, internal=True
+            )
             router.watchers.add(inner.on_change)
             inner.start()
             self.internal_proxy = inner

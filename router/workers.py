@@ -31,8 +31,8 @@ from typing import Any
 
 import orjson
 
+from . import speedups
 from .config import Config
-from .proxy import Proxy
 from .routes import ForwardingTable
 
 log = logging.getLogger("edge_router")
@@ -173,7 +173,7 @@ async def _follow(config: Config) -> int:
     loop = asyncio.get_running_loop()
     domains = tuple(config.domain or ["localhost"])
     table = ForwardingTable(domains)
-    proxy = Proxy(config, table, loop)
+    proxy = speedups.proxy.Proxy(config, table, loop)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

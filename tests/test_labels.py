@@ -30,10 +30,17 @@ def test_compiled_twins_loaded() -> None:
     """Fails when the build silently fell back to the pure twins."""
     if speedups.FORCED_PURE:
         assert not speedups.COMPILED
+        assert speedups.proxy.__name__ == "router._proxy_py"
         assert "EDGE_ROUTER_PURE" in speedups.describe()
     else:
         assert speedups.COMPILED, speedups.FALLBACK_REASON
         assert speedups.labels.__name__ == "router._clabels"
+        assert speedups.proxy.__name__ == "router._cproxy"
+        # The .pxd was applied, not just the file compiled: the protocols
+        # are extension types (not heap types) with C fields.
+        heap_type = 1 << 9  # Py_TPFLAGS_HEAPTYPE
+        assert not speedups.proxy.ClientConnection.__flags__ & heap_type
+        assert not speedups.proxy.UpstreamConnection.__flags__ & heap_type
         assert speedups.describe() == "compiled hot path (Cython)"
 
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from router import routes
 from router.errors import RouteError
-from router.routes import ForwardingTable, RouteTable
+from router.routes import ForwardingTable, RouteTable, Sandbox
 
 DOMAINS = ("example.com", "localhost")
 EXPOSED_AT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -685,6 +685,15 @@ def test_replayed_changes_rebuild_the_forwarding_table(
     # A table rebuilt from the snapshot answers the same way.
     fresh = ForwardingTable(table.domains)
     fresh.load_snapshot(table.snapshot())
+    assert _resolved(fresh) == _resolved(table.forwarding)
+    assert _views(fresh) == _views(table.forwarding)
+
+    # So does a table that already held routes (a worker resyncing), and it
+    # keeps its index and lists, which the data path holds on to.
+    index, sandboxes = fresh.index, fresh.sandboxes
+    fresh.put_sandbox(Sandbox("stray", "127.0.0.1", "running"))
+    fresh.load_snapshot(table.snapshot())
+    assert fresh.index is index and fresh.sandboxes is sandboxes
     assert _resolved(fresh) == _resolved(table.forwarding)
     assert _views(fresh) == _views(table.forwarding)
 

@@ -1,4 +1,4 @@
-"""``router.tunnel`` without a network: frame boundaries and close frames.
+"""``router.speedups.tunnel`` without a network: frame boundaries and close frames.
 
 The frames fed to ``FrameTracker`` are made by wsproto (an independent
 encoder), masked as a client sends them or unmasked as a server does, and
@@ -14,14 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
-from router.tunnel import (
-    INTERNAL_ERROR,
-    POLICY_VIOLATION,
-    FrameTracker,
-    Tunnel,
-    accept_key,
-    close_frame,
-)
+from router import speedups
+
+# The twin in use: compiled in the first pass of the suite, pure in the second.
+INTERNAL_ERROR = speedups.tunnel.INTERNAL_ERROR
+POLICY_VIOLATION = speedups.tunnel.POLICY_VIOLATION
+FrameTracker = speedups.tunnel.FrameTracker
+Tunnel = speedups.tunnel.Tunnel
+accept_key = speedups.tunnel.accept_key
+close_frame = speedups.tunnel.close_frame
 
 # Payload sizes around each length form of RFC 6455 §5.2: 7-bit, 16-bit
 # (126 marker) and 64-bit (127 marker).
@@ -298,3 +299,27 @@ def test_end_after_a_peer_close_sends_no_second_close() -> None:
     assert client.written == upstream_close
     assert _decode(upstream.written, from_client=True).payload[0] == 1001
     assert client.closed and upstream.closed
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=40), max_size=12))
+def test_compiled_and_pure_trackers_agree(chunks: list[bytes]) -> None:
+    """Any bytes, even not frames (64-bit lengths with the top bit set
+    included): both twins find the same boundaries, chunk after chunk."""
+    import importlib
+
+    pure = importlib.import_module("router._tunnel_py").FrameTracker()
+    try:
+        compiled = importlib.import_module("router._ctunnel").FrameTracker()
+    except ImportError:
+        if not speedups.FORCED_PURE:
+            raise
+        return
+    for chunk in chunks:
+        pure.feed(chunk)
+        compiled.feed(chunk)
+        assert (compiled.need, compiled.header, compiled.saw_close) == (
+            pure.need,
+            pure.header,
+            pure.saw_close,
+        )

@@ -34,7 +34,7 @@ from websockets.http11 import Request, Response
 from websockets.sync.client import ClientConnection, connect, unix_connect
 from websockets.sync.server import ServerConnection, serve
 
-from router.tunnel import accept_key
+from router import speedups
 
 TIMEOUT = 5.0
 
@@ -383,7 +383,7 @@ def switching_protocols(request_head: bytes, accept: bytes | None = None) -> byt
     """A 101 answer to a raw upgrade request; ``accept`` overrides the key."""
     key = header(request_head, b"sec-websocket-key") or b""
     if accept is None:
-        accept = accept_key(key)
+        accept = speedups.tunnel.accept_key(key)
     return (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"

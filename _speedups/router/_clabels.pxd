@@ -29,3 +29,4 @@ cdef class LabelIndex:
     cdef Py_ssize_t _find_slot(self, const char *data, Py_ssize_t n) noexcept nogil
     cdef int _grow_slots(self) except -1
     cdef int _grow_entries(self) except -1
+    cpdef object lookup(self, bytes label)

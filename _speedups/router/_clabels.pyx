@@ -298,11 +298,13 @@ cdef class LabelIndex:
         self.count -= 1
         return True
 
-    def lookup(self, bytes label not None):
-        cdef Py_ssize_t at = self._find_slot(
-            PyBytes_AS_STRING(label), PyBytes_GET_SIZE(label)
-        )
+    cpdef object lookup(self, bytes label):
+        # cpdef: the compiled data path calls it without a method lookup.
+        cdef Py_ssize_t at
         cdef Entry *e
+        if label is None:
+            raise TypeError("label must be bytes, not None")
+        at = self._find_slot(PyBytes_AS_STRING(label), PyBytes_GET_SIZE(label))
         if at < 0:
             return None
         e = &self.entries[(self.slots[at] >> 32) - 1]

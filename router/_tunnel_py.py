@@ -1,5 +1,8 @@
 """Upgraded connections: WebSocket tunnels (SPEC §5, revocation of §2).
 
+This file is the pure twin; Cython compiles it as ``router._ctunnel`` with the
+C types of ``_speedups/router/_ctunnel.pxd`` (see ``router.speedups``).
+
 After a 101 the router relays bytes both ways untouched.  It still follows
 where each frame ends, in both directions, for one reason: to end a tunnel
 cleanly it must put a close frame *between* frames.  A close frame written in
@@ -66,34 +69,42 @@ class FrameTracker:
         need = self.need
         while pos < end:
             if need:
-                take = min(need, end - pos)
+                rest = end - pos
+                take = rest if need > rest else need
                 pos += take
                 need -= take
                 continue
 
             # A frame header: 2 bytes, then 0, 2 or 8 of length, then 0 or 4
-            # of mask (RFC 6455 §5.2).
+            # of mask (RFC 6455 §5.2).  It is read in place; only one split
+            # across reads is joined first.
             if self.header:
-                chunk = self.header + data[pos : pos + 14]
+                buf = self.header + data[pos : pos + 14]
+                at = 0
                 base = -len(self.header)
             else:
-                chunk = data[pos : pos + 14]
+                buf = data
+                at = pos
                 base = 0
-            if len(chunk) < 2:
-                self.header = chunk
+            avail = len(buf) - at
+            if avail < 2:
+                self.header = buf[at:]
                 break
-            b0, b1 = chunk[0], chunk[1]
+            b0 = buf[at]
+            b1 = buf[at + 1]
             short = b1 & 0x7F
             size = 2 + (2 if short == 126 else 8 if short == 127 else 0)
             size += 4 if b1 & 0x80 else 0
-            if len(chunk) < size:
-                self.header = chunk
+            if avail < size:
+                self.header = buf[at:]
                 pos = end
                 break
             if short == 126:
-                need = int.from_bytes(chunk[2:4], "big")
+                need = buf[at + 2] << 8 | buf[at + 3]
             elif short == 127:
-                need = int.from_bytes(chunk[2:10], "big")
+                need = 0
+                for i in range(at + 2, at + 10):
+                    need = need << 8 | buf[i]
             else:
                 need = short
             if b0 & 0x0F == 0x8:

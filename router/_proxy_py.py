@@ -30,15 +30,15 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from . import answers, grammar
 from .config import Config
 from .errors import RouteError
 from .routes import FLAG_PRESERVE_HOST, ForwardingTable, parse_target
 from .speedups import http, labels
+from .speedups import tunnel as _tunnel
 from .splice import SpliceRelay, can_splice
-from .tunnel import GOING_AWAY, POLICY_VIOLATION, Tunnel, accept_key
 
 log = logging.getLogger("edge_router")
 access_log = logging.getLogger("edge_router.access")
@@ -58,6 +58,24 @@ DL_HEAD = 2
 DL_RESPONSE = 3
 DL_GRACE = 4
 DL_TUNNEL_IDLE = 5
+
+GOING_AWAY = _tunnel.GOING_AWAY
+POLICY_VIOLATION = _tunnel.POLICY_VIOLATION
+Tunnel = _tunnel.Tunnel
+accept_key = _tunnel.accept_key
+
+# What every request calls, bound once rather than looked up on the module
+# each time; compiled, the framing kinds are C ints.
+host_label = labels.host_label
+parse_request = http.parse_request
+parse_response = http.parse_response
+render_request = http.render_request
+render_response = http.render_response
+
+BODY_NONE = http.BODY_NONE
+BODY_LENGTH = http.BODY_LENGTH
+BODY_CHUNKED = http.BODY_CHUNKED
+BODY_CLOSE = http.BODY_CLOSE
 
 HIGH_WATER = 256 * 1024
 MAX_IDLE_PER_POOL = 64
@@ -103,7 +121,17 @@ class Proxy:
         # Reserved ports (SPEC §1) are not valid ports there either.
         self.reserved_ports = frozenset(config.reserved_ports)
         self.table = table
+        # What a request reads of the table, held here so that the lookup
+        # is one step (the table keeps these objects for its lifetime).
+        self.index = table.index
+        self.sandboxes = table.sandboxes
+        self.targets = table.targets
         self.loop = loop
+        self.now = loop.time
+        self.head_timeout = config.head_timeout
+        self.idle_timeout = config.idle_timeout
+        self.response_timeout = config.response_timeout
+        self.grace = config.grace
         self.domains = table.domains
         self.max_head = config.max_head
         self.max_body = config.max_body
@@ -155,8 +183,10 @@ class Proxy:
                 up.close()
         self.pools.clear()
 
-    def protocol(self) -> ClientConnection:
-        return ClientConnection(self)
+    def protocol(self) -> asyncio.Protocol:
+        # Compiled, the connections are extension types, which cannot
+        # subclass asyncio.Protocol; the loop needs only their methods.
+        return cast(asyncio.Protocol, ClientConnection(self))
 
     def _sweep(self) -> None:
         now = self.loop.time()
@@ -269,7 +299,7 @@ class Proxy:
                 raise
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:
     """One client socket: requests in, responses out, in order."""
 
     __slots__ = (
@@ -350,7 +380,7 @@ class ClientConnection(asyncio.Protocol):
         # the peer.  Built once per connection, not per request.
         self.forwarded = b"X-Forwarded-Proto: http\r\nX-Forwarded-Port: %d\r\n" % port
         self.forwarded_for = b"X-Forwarded-For: " + self.peer.encode() + b"\r\n"
-        self._arm(DL_IDLE, proxy.config.idle_timeout)
+        self._arm(DL_IDLE, proxy.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
         state = self.state
@@ -359,7 +389,7 @@ class ClientConnection(asyncio.Protocol):
             if tunnel is not None:
                 tunnel.from_client(data)
                 if self.proxy.tunnel_idle:
-                    self.last_active = self.proxy.loop.time()
+                    self.last_active = self.proxy.now()
             return
         if state == ACTIVE and not self.req_done:
             self._request_body(data)
@@ -419,13 +449,13 @@ class ClientConnection(asyncio.Protocol):
     def _next_request(self) -> None:
         proxy = self.proxy
         try:
-            head = http.parse_request(self.buf, proxy.max_head)
+            head = parse_request(self.buf, proxy.max_head)
         except http.ParseError as exc:
             self._fail(exc.code, exc.message)
             return
         if head is None:
             if self.deadline_kind != DL_HEAD:
-                self._arm(DL_HEAD, proxy.config.head_timeout)
+                self._arm(DL_HEAD, proxy.head_timeout)
             return
         self.buf = self.buf[head.head_len :]
         self.head = head
@@ -449,11 +479,10 @@ class ClientConnection(asyncio.Protocol):
 
         # 1. Route: Host → label → one lookup.
         try:
-            label = labels.host_label(head.host or b"", proxy.domains)
+            label = host_label(head.host or b"", proxy.domains)
         except ValueError:
             self._reply("BAD_REQUEST", "Invalid Host header")
             return
-        table = proxy.table
         if label is None:
             if proxy.fallback is None:
                 self._reply("NOT_FOUND")
@@ -462,12 +491,12 @@ class ClientConnection(asyncio.Protocol):
             self.sandbox = ""
             self._dispatch(("", proxy.fallback), head.host or b"")
             return
-        value = table.index.lookup(label)
+        value = proxy.index.lookup(label)
         if value is None:
             self._reply("INVALID_TOKEN")
             return
         route_id, sandbox_slot, port, target_slot, flags = value
-        sandbox = table.sandboxes[sandbox_slot]
+        sandbox = proxy.sandboxes[sandbox_slot]
         assert sandbox is not None
         if sandbox.stopped:
             self._reply("STALE_PREVIEW_URL")
@@ -475,7 +504,7 @@ class ClientConnection(asyncio.Protocol):
         self.label = label
         self.route_id = route_id
         self.sandbox = sandbox.name
-        target = table.targets[target_slot] if target_slot else None
+        target = proxy.targets[target_slot] if target_slot else None
         address = target if target is not None else (sandbox.upstream_host, port)
         conns = proxy.by_route.get(route_id)
         if conns is None:
@@ -529,13 +558,13 @@ class ClientConnection(asyncio.Protocol):
         # 1. Body framing and limits, decided before anything goes upstream.
         self.req_framing = head.framing
         self.keep_alive = head.keep_alive
-        if head.framing == http.BODY_LENGTH:
+        if head.framing == BODY_LENGTH:
             if proxy.max_body and head.content_length > proxy.max_body:
                 self._reply("BODY_TOO_LARGE", close=True)
                 return
             self.req_remaining = head.content_length
             self.req_done = head.content_length == 0
-        elif head.framing == http.BODY_CHUNKED:
+        elif head.framing == BODY_CHUNKED:
             self.req_framer = http.ChunkedFramer()
             self.req_remaining = 0
             self.req_done = False
@@ -543,14 +572,14 @@ class ClientConnection(asyncio.Protocol):
             self.req_done = True
 
         # 2. The head as the upstream sees it.
-        out = http.render_request(head, host, self._forwarded_for(head))
+        out = render_request(head, host, self._forwarded_for(head))
         up = proxy.take(key)
         if up is not None:
             up.start(self, out, head.method == b"HEAD")
         else:
             self.pending_body = [out]
             proxy.loop.create_task(self._connect(key))
-        self._arm(DL_RESPONSE, proxy.config.response_timeout)
+        self._arm(DL_RESPONSE, proxy.response_timeout)
 
         # 3. Body bytes that came with the head.
         if not self.req_done and self.buf:
@@ -622,7 +651,7 @@ class ClientConnection(asyncio.Protocol):
     def _request_body(self, data: bytes) -> None:
         """Relay request body bytes; keep what belongs to the next request."""
         framing = self.req_framing
-        if framing == http.BODY_LENGTH:
+        if framing == BODY_LENGTH:
             n = self.req_remaining
             if len(data) > n:
                 data, self.buf = data[:n], data[n:]
@@ -650,14 +679,14 @@ class ClientConnection(asyncio.Protocol):
         if self.status == 0 and data:
             # The response-head timeout runs from the last request byte: an
             # upload slower than it is progress, not an upstream timeout.
-            self._arm(DL_RESPONSE, self.proxy.config.response_timeout)
+            self._arm(DL_RESPONSE, self.proxy.response_timeout)
         up = self.upstream
         if up is not None and up.transport is not None:
             if data:
                 up.transport.write(data)
             if (
                 not done
-                and framing == http.BODY_LENGTH
+                and framing == BODY_LENGTH
                 and up.relay is None
                 and self.transport is not None
                 and can_splice(self.transport, up.transport, self.req_remaining)
@@ -669,7 +698,7 @@ class ClientConnection(asyncio.Protocol):
             # modest amount so that a large upload waits instead of filling
             # memory.
             self.pending_body.append(data)
-            if sum(len(c) for c in self.pending_body) > HIGH_WATER:
+            if sum(map(len, self.pending_body)) > HIGH_WATER:
                 self._pause_client()
         if done:
             self.req_done = True
@@ -694,7 +723,7 @@ class ClientConnection(asyncio.Protocol):
             self.req_remaining = 0
             self.req_done = True
             if self.status == 0 and self.state == ACTIVE:
-                self._arm(DL_RESPONSE, self.proxy.config.response_timeout)
+                self._arm(DL_RESPONSE, self.proxy.response_timeout)
             self._maybe_finish()
 
         self.proxy.stats.splices += 1
@@ -747,7 +776,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.state = HEAD
         self.req_done = True
-        self._arm(DL_IDLE, self.proxy.config.idle_timeout)
+        self._arm(DL_IDLE, self.proxy.idle_timeout)
         if self.paused:
             self._resume_client()
         if self.buf:
@@ -785,7 +814,7 @@ class ClientConnection(asyncio.Protocol):
         head = self.head
         self.status = answers.status_of(code)
         is_head = head is not None and head.method == b"HEAD"
-        if head is not None and head.framing != http.BODY_NONE:
+        if head is not None and head.framing != BODY_NONE:
             # We will not read the body it announced: the stream cannot be
             # resynchronised, so this is the last answer on the connection.
             close = True
@@ -838,7 +867,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _arm(self, kind: int, seconds: float) -> None:
         self.deadline_kind = kind
-        self.deadline = self.proxy.loop.time() + seconds if seconds > 0 else 0.0
+        self.deadline = self.proxy.now() + seconds if seconds > 0 else 0.0
 
     def deadline_passed(self) -> None:
         kind = self.deadline_kind
@@ -876,7 +905,7 @@ class ClientConnection(asyncio.Protocol):
                 self.upstream = None
                 self._reply("INVALID_TOKEN", close=True)
             else:
-                self._arm(DL_GRACE, self.proxy.config.grace)
+                self._arm(DL_GRACE, self.proxy.grace)
 
     def end_tunnel(self, client_code: int, upstream_code: int, reason: str) -> None:
         """Close this tunnel with close frames, or cut it after ``--grace``.
@@ -888,7 +917,7 @@ class ClientConnection(asyncio.Protocol):
         assert self.tunnel is not None
         self.tunnel.end(client_code, upstream_code, reason)
         if self.transport is not None and not self.transport.is_closing():
-            self._arm(DL_GRACE, self.proxy.config.grace)
+            self._arm(DL_GRACE, self.proxy.grace)
 
     # -- flow control ----------------------------------------------------
 
@@ -909,7 +938,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
     """One socket to a sandbox port, reused for sequential requests."""
 
     __slots__ = (
@@ -983,7 +1012,7 @@ class UpstreamConnection(asyncio.Protocol):
                 # Idle means no frames either way: a tunnel that only
                 # pushes to the client (a log tail, a feed) is in use.
                 if self.proxy.tunnel_idle:
-                    client.last_active = self.proxy.loop.time()
+                    client.last_active = self.proxy.now()
         elif self.state == ACTIVE:
             self._body(client, data)
         else:
@@ -994,7 +1023,7 @@ class UpstreamConnection(asyncio.Protocol):
         assert client.transport is not None
         while True:
             try:
-                head = http.parse_response(self.buf, 65536, self.head_request)
+                head = parse_response(self.buf, 65536, self.head_request)
             except http.ParseError as exc:
                 log.warning(
                     "upstream %s sent a bad response: %s", self.key[1], exc.message
@@ -1015,7 +1044,7 @@ class UpstreamConnection(asyncio.Protocol):
                 # 9110 §15.2).
                 request = client.head
                 if request is None or request.version != 10:
-                    client.transport.write(http.render_response(head, False))
+                    client.transport.write(render_response(head, False))
                 continue
             break
 
@@ -1030,16 +1059,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.reusable = head.keep_alive
         close = not client.keep_alive
         self.dechunk = False
-        if head.framing == http.BODY_CLOSE:
+        if head.framing == BODY_CLOSE:
             close = True
-        elif head.framing == http.BODY_CHUNKED:
+        elif head.framing == BODY_CHUNKED:
             self.framer = http.ChunkedFramer()
             if client.head is not None and client.head.version == 10:
                 self.dechunk = True
                 close = True
         if close:
             client.keep_alive = False
-        out = http.render_response(head, close)
+        out = render_response(head, close)
         if self.dechunk:
             out = _drop_transfer_encoding(out)
         elif not close and client.head is not None and client.head.version == 10:
@@ -1048,8 +1077,8 @@ class UpstreamConnection(asyncio.Protocol):
             out = out[:-2] + b"Connection: keep-alive\r\n\r\n"
         client.sent = 0
 
-        if head.framing == http.BODY_NONE or (
-            head.framing == http.BODY_LENGTH and head.content_length == 0
+        if head.framing == BODY_NONE or (
+            head.framing == BODY_LENGTH and head.content_length == 0
         ):
             client.transport.write(out)
             self._done(client)
@@ -1057,7 +1086,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.remaining = head.content_length
         self.state = ACTIVE
         rest, self.buf = self.buf, b""
-        if head.framing == http.BODY_LENGTH and rest:
+        if head.framing == BODY_LENGTH and rest:
             # The head and the body bytes that came with it leave in one
             # write: for small responses that is the whole answer in one
             # system call instead of two (what nginx's writev achieves).
@@ -1075,7 +1104,7 @@ class UpstreamConnection(asyncio.Protocol):
         client.transport.write(out)
         if rest:
             self._body(client, rest)
-        elif head.framing == http.BODY_LENGTH:
+        elif head.framing == BODY_LENGTH:
             self._maybe_splice(client)
 
     def _maybe_splice(self, client: ClientConnection) -> None:
@@ -1109,7 +1138,7 @@ class UpstreamConnection(asyncio.Protocol):
         transport = client.transport
         assert transport is not None
         framing = self.framing
-        if framing == http.BODY_LENGTH:
+        if framing == BODY_LENGTH:
             n = self.remaining
             if len(data) > n:
                 # More than the announced length: never reuse this socket.
@@ -1119,7 +1148,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.remaining = n - len(data)
             if self.remaining == 0:
                 self._done(client)
-        elif framing == http.BODY_CHUNKED:
+        elif framing == BODY_CHUNKED:
             try:
                 if self.dechunk:
                     used, pieces = self.framer.decode(data)
@@ -1163,13 +1192,13 @@ class UpstreamConnection(asyncio.Protocol):
             if head.get(b"sec-websocket-accept") != accept_key(key):
                 self._bad_switch(client, "101 with a bad accept key")
                 return
-        client.transport.write(http.render_response(head, False))
+        client.transport.write(render_response(head, False))
         client.state = TUNNEL
         self.state = TUNNEL
         self.reusable = False
         client.deadline = 0.0
         client.deadline_kind = DL_NONE
-        client.last_active = self.proxy.loop.time()
+        client.last_active = self.proxy.now()
         tunnel = client.tunnel = Tunnel(
             client.transport, self.transport, client.route_id, self.proxy.loop
         )
@@ -1226,7 +1255,7 @@ class UpstreamConnection(asyncio.Protocol):
                 client.tunnel.peer_lost("upstream")
             else:
                 client._close()
-        elif self.state == ACTIVE and self.framing == http.BODY_CLOSE:
+        elif self.state == ACTIVE and self.framing == BODY_CLOSE:
             client.keep_alive = False
             client.response_done(False)
         elif self.state == HEAD and client.status == 0:
@@ -1254,10 +1283,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.close()
 
 
-def _factory(up: UpstreamConnection) -> Callable[[], UpstreamConnection]:
+def _factory(up: UpstreamConnection) -> Callable[[], asyncio.Protocol]:
     # The loop wants a protocol factory; the caller keeps the one protocol
     # it hands out, to use once the connect succeeds.
-    return lambda: up
+    return lambda: cast(asyncio.Protocol, up)
 
 
 def _drop_transfer_encoding(head: bytes) -> bytes:
