@@ -196,6 +196,8 @@ class Proxy:
                 conn.deadline_passed()
             elif idle and conn.tunnel is not None and now - conn.last_active > idle:
                 conn.end_tunnel(GOING_AWAY, GOING_AWAY, "tunnel idle")
+        for rid in [rid for rid, conns in self.by_route.items() if not conns]:
+            del self.by_route[rid]
         for key, pool in list(self.pools.items()):
             keep = [up for up in pool if now - up.idle_since < UPSTREAM_IDLE_SECONDS]
             for up in pool:
@@ -251,11 +253,13 @@ class Proxy:
         return None
 
     def give_back(self, up: UpstreamConnection) -> None:
-        pool = self.pools.setdefault(up.key, [])
+        pool = self.pools.get(up.key)
+        if pool is None:
+            pool = self.pools[up.key] = []
         if len(pool) >= MAX_IDLE_PER_POOL or self.draining:
             up.close()
             return
-        up.idle_since = self.loop.time()
+        up.idle_since = self.now()
         pool.append(up)
 
     def forget(self, up: UpstreamConnection) -> None:
@@ -798,11 +802,11 @@ class ClientConnection:
     def _unregister(self) -> None:
         rid = self.route_id
         if rid:
+            # An emptied set stays until the sweeper drops it: on a busy
+            # route it would otherwise be made and dropped every request.
             conns = self.proxy.by_route.get(rid)
             if conns is not None:
                 conns.discard(self)
-                if not conns:
-                    del self.proxy.by_route[rid]
             self.route_id = 0
 
     # -- the router's own answers ---------------------------------------

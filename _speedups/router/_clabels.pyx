@@ -132,13 +132,23 @@ cdef class LabelIndex:
         ) >= 0
 
     cdef uint32_t _hash(self, const char *data, Py_ssize_t n) noexcept nogil:
-        # FNV-1a keyed with a per-process seed, then a murmur3 finaliser so
-        # that the low bits (the home slot) depend on every byte.
-        cdef uint64_t h = 0xCBF29CE484222325ULL ^ self.seed
-        cdef Py_ssize_t i
-        for i in range(n):
-            h ^= <unsigned char>data[i]
-            h *= 0x100000001B3ULL
+        # Eight bytes a step, keyed with a per-process seed, then a murmur3
+        # finaliser so that the low bits (the home slot) depend on every
+        # byte.  A byte-at-a-time hash (FNV) is one multiply per byte in a
+        # dependent chain: for a 42-byte label that was most of a lookup.
+        cdef uint64_t h = self.seed ^ (<uint64_t>n * 0x9E3779B97F4A7C15ULL)
+        cdef uint64_t k
+        cdef Py_ssize_t i = 0
+        while i + 8 <= n:
+            memcpy(&k, data + i, 8)
+            h = (h ^ k) * 0xFF51AFD7ED558CCDULL
+            h ^= h >> 29
+            i += 8
+        if i < n:
+            k = 0
+            memcpy(&k, data + i, n - i)
+            h = (h ^ k) * 0xFF51AFD7ED558CCDULL
+            h ^= h >> 29
         h ^= h >> 33
         h *= 0xFF51AFD7ED558CCDULL
         h ^= h >> 33
