@@ -198,7 +198,13 @@ class RouteTable:
         self.by_sandbox: dict[str, dict[int, Route]] = {}
         self.sandboxes: dict[str, Sandbox] = {}
         self.next_route_id = 1
-        self.log: deque[dict[str, Any]] = deque(maxlen=log_size)
+        # Recent watch messages, for watchers that resume with ``since``.
+        # Bounded by the changes they hold, not by their number: ten
+        # thousand batches of a thousand changes would be ten million
+        # records kept for nothing (and for the cycle collector to walk).
+        self.log: deque[dict[str, Any]] = deque()
+        self.log_limit = log_size
+        self.log_changes = 0
         self.forwarding = ForwardingTable(self.domains)
         self.listeners: list[Callable[[Transaction], None]] = []
 
@@ -292,6 +298,9 @@ class RouteTable:
         self.version = txn.version
         msg = txn.message()
         self.log.append(msg)
+        self.log_changes += len(txn.changes)
+        while self.log_changes > self.log_limit and len(self.log) > 1:
+            self.log_changes -= len(self.log.popleft()["changes"])
         for listener in self.listeners:
             listener(txn)
 

@@ -7,7 +7,6 @@ a real Unix socket (and loopback TCP) from the main thread, as clients would.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import socket
 import threading
@@ -88,7 +87,7 @@ class RouterThread:
         self._stop = asyncio.Event()
         self.router = Router(self.config)
         if self._log_size is not None:
-            self.router.table.log = collections.deque(maxlen=self._log_size)
+            self.router.table.log_limit = self._log_size
         self.router.open_store()
         try:
             self.server = await start_control(self.router, **self._tuning)

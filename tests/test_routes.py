@@ -551,6 +551,28 @@ def test_changes_since(table: RouteTable) -> None:
     assert [c["op"] for c in first.changes] == ["put_sandbox", "put_route"]
 
 
+def test_resume_log_is_bounded_by_changes_not_messages() -> None:
+    table = RouteTable(log_size=4)
+    batch = [
+        {"op": "expose_port", "sandbox": "sb", "port": 8080},
+        {"op": "expose_port", "sandbox": "sb", "port": 8081},
+    ]
+    table.run(batch)  # version 1: put_sandbox + 2 put_route
+    table.run([{"op": "unexpose_port", "sandbox": "sb", "port": 8080}])
+    assert table.changes_since(0) is not None  # 4 changes kept
+
+    table.run([{"op": "unexpose_port", "sandbox": "sb", "port": 8081}])
+    # 5 changes would be over the limit of 4: version 1 went.
+    assert table.changes_since(0) is None
+    assert [m["version"] for m in table.changes_since(1) or []] == [2, 3]
+
+    # A batch larger than the limit is still kept whole, alone.
+    big = [{"op": "expose_port", "sandbox": "big", "port": 9000 + i} for i in range(8)]
+    table.run(big)
+    assert [m["version"] for m in table.changes_since(3) or []] == [4]
+    assert table.changes_since(2) is None
+
+
 def test_changes_since_after_log_overflow(labels: ModuleType) -> None:
     table = RouteTable(DOMAINS, log_size=3)
     for port in range(8080, 8085):
