@@ -106,6 +106,9 @@ def worker_table(n: int) -> Any:
         if i % PORTS_PER_SANDBOX == 0:
             fwd.put_sandbox(Sandbox(sandbox))
         fwd.put_route(Route(sandbox, port, token, None, "", None, "rewrite", i + 1))
+    # A worker's table comes from ForwardingTable.load_snapshot, which ends
+    # the same way.
+    fwd.index.compact()
     return fwd
 
 

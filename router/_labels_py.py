@@ -105,6 +105,9 @@ class LabelIndex:
     def lookup(self, label: bytes) -> Value | None:
         return self._map.get(label)
 
+    def compact(self) -> None:
+        """Give back spare room after a bulk load (a dict has none to give)."""
+
     def clear(self) -> None:
         self._map.clear()
 

@@ -124,7 +124,9 @@ class Proxy:
         # What a request reads of the table, held here so that the lookup
         # is one step (the table keeps these objects for its lifetime).
         self.index = table.index
-        self.sandboxes = table.sandboxes
+        self.sandbox_names = table.sandbox_names
+        self.sandbox_hosts = table.sandbox_hosts
+        self.sandbox_stopped = table.sandbox_stopped
         self.targets = table.targets
         self.loop = loop
         self.now = loop.time
@@ -500,16 +502,23 @@ class ClientConnection:
             self._reply("INVALID_TOKEN")
             return
         route_id, sandbox_slot, port, target_slot, flags = value
-        sandbox = proxy.sandboxes[sandbox_slot]
-        assert sandbox is not None
-        if sandbox.stopped:
+        if proxy.sandbox_stopped[sandbox_slot]:
             self._reply("STALE_PREVIEW_URL")
             return
+        # A route's sandbox slot is always filled: the table drops routes
+        # before their sandbox.
+        name = proxy.sandbox_names[sandbox_slot]
+        assert name is not None
         self.label = label
         self.route_id = route_id
-        self.sandbox = sandbox.name
+        self.sandbox = name
         target = proxy.targets[target_slot] if target_slot else None
-        address = target if target is not None else (sandbox.upstream_host, port)
+        if target is not None:
+            address = target
+        else:
+            upstream_host = proxy.sandbox_hosts[sandbox_slot]
+            assert upstream_host is not None
+            address = (upstream_host, port)
         conns = proxy.by_route.get(route_id)
         if conns is None:
             proxy.by_route[route_id] = {self}
@@ -521,7 +530,7 @@ class ClientConnection:
             host = head.host or b""
         else:
             host = proxy.local_hosts.get(port) or proxy.local_host(port)
-        self._dispatch((sandbox.name, address), host)
+        self._dispatch((name, address), host)
 
     def _route_internal(self, head: Any) -> None:
         """SPEC §6: any valid port of a known sandbox, no token."""
@@ -542,7 +551,7 @@ class ClientConnection:
             self._reply("BAD_REQUEST", exc.message)
             return
         slot = table.sandbox_slots.get(name)
-        sandbox = table.sandboxes[slot] if slot is not None else None
+        sandbox = table.sandbox_view(slot) if slot is not None else None
         if sandbox is None:
             self._reply("NOT_FOUND", f"Sandbox '{name}' is not known to this router")
             return

@@ -252,6 +252,7 @@ class RouteTable:
             )
             if route.route_id > top:
                 top = route.route_id
+        forwarding.index.compact()
         self.next_route_id = top + 1
         self.version = version
 
@@ -626,9 +627,15 @@ class ForwardingTable:
     def __init__(self, domains: tuple[str, ...]) -> None:
         self.domains = tuple(d.encode() for d in domains)
         self.index = _labels.LabelIndex()
-        self.sandboxes: list[SandboxView | None] = [None]
+        # A sandbox is a slot in three parallel arrays rather than an object
+        # of its own: at a million routes an object per sandbox was a tenth
+        # of a worker's table.  Slot 0 is never used (``None``).
+        self.sandbox_names: list[str | None] = [None]
+        self.sandbox_hosts: list[str | None] = [None]
+        self.sandbox_stopped = bytearray(1)
         self.sandbox_slots: dict[str, int] = {}
         self._free_sandbox_slots: list[int] = []
+        self._hosts: dict[str, str] = {}
         # Slot 0 means "the sandbox's upstream host, same port".
         self.targets: list[tuple[str, int] | str | None] = [None]
         self.target_slots: dict[str, int] = {}
@@ -651,23 +658,37 @@ class ForwardingTable:
             self.del_sandbox(rec["name"])
 
     def put_sandbox(self, sb: Sandbox) -> None:
-        view = SandboxView(sb.name, sb.upstream_host, sb.state == "stopped")
+        # Nearly every sandbox has the same upstream host; a snapshot read
+        # from JSON would otherwise hold one copy of it per sandbox.
+        host = self._hosts.setdefault(sb.upstream_host, sb.upstream_host)
         slot = self.sandbox_slots.get(sb.name)
         if slot is None:
             if self._free_sandbox_slots:
                 slot = self._free_sandbox_slots.pop()
-                self.sandboxes[slot] = view
             else:
-                slot = len(self.sandboxes)
-                self.sandboxes.append(view)
+                slot = len(self.sandbox_names)
+                self.sandbox_names.append(None)
+                self.sandbox_hosts.append(None)
+                self.sandbox_stopped.append(0)
             self.sandbox_slots[sb.name] = slot
-        else:
-            self.sandboxes[slot] = view
+        self.sandbox_names[slot] = sb.name
+        self.sandbox_hosts[slot] = host
+        self.sandbox_stopped[slot] = sb.state == "stopped"
 
     def del_sandbox(self, name: str) -> None:
         slot = self.sandbox_slots.pop(name)
-        self.sandboxes[slot] = None
+        self.sandbox_names[slot] = None
+        self.sandbox_hosts[slot] = None
+        self.sandbox_stopped[slot] = 0
         self._free_sandbox_slots.append(slot)
+
+    def sandbox_view(self, slot: int) -> SandboxView | None:
+        """The sandbox in ``slot`` as one object (tests, slow paths)."""
+        name = self.sandbox_names[slot]
+        host = self.sandbox_hosts[slot]
+        if name is None or host is None:
+            return None
+        return SandboxView(name, host, bool(self.sandbox_stopped[slot]))
 
     def put_route(self, route: Route) -> None:
         label = route.label.encode()
@@ -728,7 +749,9 @@ class ForwardingTable:
         # Emptied in place, never replaced: the data path holds on to the
         # index and the lists (router.speedups.proxy.Proxy).
         self.index.clear()
-        self.sandboxes[:] = [None]
+        self.sandbox_names[:] = [None]
+        self.sandbox_hosts[:] = [None]
+        self.sandbox_stopped[:] = bytes(1)
         self.sandbox_slots.clear()
         self._free_sandbox_slots.clear()
         self.targets[:] = [None]
@@ -740,3 +763,4 @@ class ForwardingTable:
             self.put_sandbox(Sandbox(sb["name"], sb["upstream_host"], sb["state"]))
         for r in snap["routes"]:
             self.put_route(Route.from_record(r))
+        self.index.compact()

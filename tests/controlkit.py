@@ -217,7 +217,7 @@ def forwarding_view(fwd: ForwardingTable) -> dict[bytes, tuple[Any, ...]]:
     """What the data path would resolve each label to, slot numbers aside."""
     out = {}
     for label, (route_id, sb_slot, port, target_slot, flags) in fwd.index.items():
-        sandbox = fwd.sandboxes[sb_slot]
+        sandbox = fwd.sandbox_view(sb_slot)
         assert sandbox is not None
         target = fwd.targets[target_slot]
         out[label] = (route_id, sandbox.name, sandbox.stopped, port, target, flags)

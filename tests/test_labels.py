@@ -175,6 +175,37 @@ def test_index_set_lookup_remove(twin: ModuleType) -> None:
     assert len(index) == 0
 
 
+def test_index_compact_keeps_every_route_and_can_grow_again(
+    twin: ModuleType,
+) -> None:
+    index = twin.LabelIndex()
+    labels = [b"%d-sb-tok" % i for i in range(1000)]
+    for i, label in enumerate(labels):
+        index.set(label, i + 1, 1, 8000, 0, 0)
+    spare = getattr(index, "memory_bytes", lambda: 0)()
+    index.compact()
+    assert getattr(index, "memory_bytes", lambda: 0)() <= spare
+    assert all(
+        index.lookup(label) == (i + 1, 1, 8000, 0, 0) for i, label in enumerate(labels)
+    )
+
+    # Changes after a compact: removals move records, inserts grow again.
+    for label in labels[::2]:
+        assert index.remove(label)
+    for i in range(1000, 1600):
+        index.set(b"%d-sb-tok" % i, i + 1, 1, 8000, 0, 0)
+    index.compact()
+    index.compact()
+    assert len(index) == 1100
+    assert index.lookup(labels[0]) is None
+    assert index.lookup(labels[1]) == (2, 1, 8000, 0, 0)
+    assert index.lookup(b"1599-sb-tok") == (1600, 1, 8000, 0, 0)
+    empty = twin.LabelIndex()
+    empty.compact()
+    empty.set(b"a", 1, 1, 1, 1, 1)
+    assert empty.lookup(b"a") == (1, 1, 1, 1, 1)
+
+
 def test_index_extreme_values(twin: ModuleType) -> None:
     index = twin.LabelIndex()
     top = (2**63 - 1, 2**32 - 1, 65535, 2**32 - 1, 65535)

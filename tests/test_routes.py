@@ -66,7 +66,7 @@ def resolve(table: RouteTable, host: bytes) -> tuple[Any, ...] | None:
     if entry is None:
         return None
     _, sandbox_slot, port, target_slot, flags = entry
-    view = fwd.sandboxes[sandbox_slot]
+    view = fwd.sandbox_view(sandbox_slot)
     assert view is not None
     target = fwd.targets[target_slot]
     return (view.name, port, target, flags, view.stopped, view.upstream_host)
@@ -241,7 +241,7 @@ def test_hyphenated_tokens_found_whole(labels: ModuleType, table: RouteTable) ->
     assert label == b"8080-my-box-a-b_c-"
     entry = table.forwarding.index.lookup(label)
     assert entry is not None
-    assert table.forwarding.sandboxes[entry[1]].name == "my-box"
+    assert table.forwarding.sandbox_view(entry[1]).name == "my-box"
     assert resolve(table, b"8080-my-box-a-b.localhost.")[0] == "my"
 
 
@@ -370,7 +370,7 @@ def test_set_sandbox_stopped_and_running(table: RouteTable) -> None:
 def test_set_sandbox_creates_and_updates(table: RouteTable) -> None:
     result = one(table, "set_sandbox", sandbox="New", upstream_host="[fd00::1]")
     assert result == {"name": "new", "upstream_host": "fd00::1", "state": "running"}
-    view = table.forwarding.sandboxes[table.forwarding.sandbox_slots["new"]]
+    view = table.forwarding.sandbox_view(table.forwarding.sandbox_slots["new"])
     assert view is not None
     assert (view.upstream_host, view.stopped) == ("fd00::1", False)
 
@@ -666,14 +666,14 @@ def _resolved(fwd: ForwardingTable) -> list[tuple[Any, ...]]:
     """The forwarding view with slots replaced by what they point at."""
     out = []
     for label, (route_id, sb_slot, port, t_slot, flags) in fwd.index.items():
-        view = fwd.sandboxes[sb_slot]
+        view = fwd.sandbox_view(sb_slot)
         assert view is not None
         out.append((label, route_id, view, port, fwd.targets[t_slot], flags))
     return out
 
 
 def _views(fwd: ForwardingTable) -> dict[str, Any]:
-    return {name: fwd.sandboxes[slot] for name, slot in fwd.sandbox_slots.items()}
+    return {name: fwd.sandbox_view(slot) for name, slot in fwd.sandbox_slots.items()}
 
 
 @settings(
@@ -712,10 +712,17 @@ def test_replayed_changes_rebuild_the_forwarding_table(
 
     # So does a table that already held routes (a worker resyncing), and it
     # keeps its index and lists, which the data path holds on to.
-    index, sandboxes = fresh.index, fresh.sandboxes
+    held = (fresh.index, fresh.sandbox_names, fresh.sandbox_stopped, fresh.targets)
     fresh.put_sandbox(Sandbox("stray", "127.0.0.1", "running"))
     fresh.load_snapshot(table.snapshot())
-    assert fresh.index is index and fresh.sandboxes is sandboxes
+    assert all(
+        a is b
+        for a, b in zip(
+            held,
+            (fresh.index, fresh.sandbox_names, fresh.sandbox_stopped, fresh.targets),
+            strict=True,
+        )
+    )
     assert _resolved(fresh) == _resolved(table.forwarding)
     assert _views(fresh) == _views(table.forwarding)
 

@@ -62,7 +62,7 @@ def routed(table: RouteTable) -> list[tuple[Any, ...]]:
     fwd = table.forwarding
     out = []
     for label, (route_id, sb_slot, port, t_slot, flags) in fwd.index.items():
-        view = fwd.sandboxes[sb_slot]
+        view = fwd.sandbox_view(sb_slot)
         out.append((label, route_id, view, port, fwd.targets[t_slot], flags))
     return out
 

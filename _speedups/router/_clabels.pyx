@@ -322,6 +322,23 @@ cdef class LabelIndex:
         # at a million routes (scattered objects) and doubled their memory.
         return (e.route_id, e.sandbox_slot, e.port, e.target_slot, e.flags)
 
+    def compact(self):
+        """Give back the dense array's spare room, after a bulk load.
+
+        The array grows by half when full, so a table loaded in one go
+        holds up to a third of it unused; a worker that loads a snapshot
+        and then takes a few changes should not carry that.
+        """
+        cdef uint32_t size = self.count if self.count > MIN_SLOTS else MIN_SLOTS
+        cdef Entry *fresh
+        if size >= self.capacity:
+            return
+        fresh = <Entry *>PyMem_Realloc(self.entries, size * sizeof(Entry))
+        if fresh == NULL:
+            raise MemoryError()
+        self.entries = fresh
+        self.capacity = size
+
     def clear(self):
         PyMem_Free(self.entries)
         self.entries = NULL

@@ -36,7 +36,8 @@ cdef class Proxy:
     cdef public object config, reserved_ports, table, loop, now, domains
     cdef public object trusted, fallback, _sweeper
     cdef public LabelIndex index
-    cdef public list sandboxes, targets
+    cdef public list sandbox_names, sandbox_hosts, targets
+    cdef public bytearray sandbox_stopped
     cdef public bint internal, access_log, draining
     cdef public Py_ssize_t max_head
     cdef public long long max_body
