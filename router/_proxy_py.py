@@ -413,17 +413,18 @@ class ClientConnection:
 
     def eof_received(self) -> bool:
         # TCP cannot tell a client that shut down writing from one that went
-        # away.  Only the old HTTP/1.0 style (whole request sent, then
-        # shutdown) is taken as a half-close that still wants its answer.
-        # Any other EOF mid-request is a client gone, and its upstream
-        # request must end now, not when the sandbox next writes (SPEC §4:
-        # within a second; nginx aborts such requests the same way).
+        # away.  A whole request that said it was the last (HTTP/1.0, or
+        # ``Connection: close``), then shutdown, is taken as a half-close
+        # that still wants its answer (``nc -N``, RFC 9112 §9.6).  Any other
+        # EOF mid-request is a client gone, and its upstream request must
+        # end now, not when the sandbox next writes (SPEC §4: within a
+        # second; nginx aborts such requests the same way).
         head = self.head
         return (
             self.state == ACTIVE
             and self.req_done
             and head is not None
-            and head.version == 10
+            and (head.version == 10 or not head.keep_alive)
         )
 
     def connection_lost(self, exc: Exception | None) -> None:

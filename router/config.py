@@ -93,6 +93,31 @@ def _convert(name: str, raw: Any, default: Any) -> Any:
     return None if raw is None else str(raw)
 
 
+# Bounds of the numeric settings, checked at start-up: a value out of them
+# would otherwise be taken and fail later, on every request (a zero head
+# limit) or at the C fields of the compiled data path (a 20-digit one).
+LIMITS: dict[str, tuple[float, float]] = {
+    "workers": (1, 256),
+    "max_head": (64, 16 * 1024 * 1024),
+    "max_body": (0, 2**63 - 1),
+    "head_timeout": (0, 86400 * 365),
+    "idle_timeout": (0, 86400 * 365),
+    "connect_timeout": (0, 86400 * 365),
+    "response_timeout": (0, 86400 * 365),
+    "retry_window": (0, 86400 * 365),
+    "grace": (0, 86400 * 365),
+    "tunnel_idle_timeout": (0, 86400 * 365),
+}
+
+
+def _check(name: str, value: Any) -> None:
+    low, high = LIMITS.get(name, (None, None))
+    if low is not None and high is not None and not low <= value <= high:
+        raise ValueError(f"must be between {low:g} and {high:g}")
+    if name == "reserved_ports" and not all(1 <= p <= 65535 for p in value):
+        raise ValueError("ports must be between 1 and 65535")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every setting; unset flags stay ``None``."""
     parser.add_argument("--config", help="TOML file with settings")
@@ -141,7 +166,12 @@ def load(
 
     for name, raw in values.items():
         try:
-            setattr(cfg, name, _convert(name, raw, getattr(defaults, name)))
+            value = _convert(name, raw, getattr(defaults, name))
         except ValueError as exc:
             raise SystemExit(f"edge-router: bad value for {name}: {raw!r}") from exc
+        try:
+            _check(name, value)
+        except ValueError as exc:
+            raise SystemExit(f"edge-router: {name} {exc}, not {raw!r}") from exc
+        setattr(cfg, name, value)
     return cfg

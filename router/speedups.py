@@ -39,7 +39,14 @@ __all__ = [
     "tunnel",
 ]
 
-FORCED_PURE = os.environ.get("EDGE_ROUTER_PURE", "") not in ("", "0")
+# The spellings of the other boolean settings (router.config).
+FORCED_PURE = os.environ.get("EDGE_ROUTER_PURE", "").strip().lower() not in (
+    "",
+    "0",
+    "false",
+    "no",
+    "off",
+)
 FALLBACK_REASON: str | None = None
 
 if TYPE_CHECKING:

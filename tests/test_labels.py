@@ -60,15 +60,17 @@ def _compiled_flag(pure: str | None) -> str:
     return out.stdout.strip()
 
 
-def test_pure_forced_by_environment() -> None:
-    assert _compiled_flag("1") == "False"
+@pytest.mark.parametrize("value", ["1", "true", "Yes", "on"])
+def test_pure_forced_by_environment(value: str) -> None:
+    assert _compiled_flag(value) == "False"
 
 
 def test_zero_does_not_force_pure() -> None:
+    """The false spellings of the other boolean settings, and unset."""
     if speedups.FORCED_PURE:
         pytest.skip("the pure run need not have the compiled twins built")
-    assert _compiled_flag("0") == "True"
-    assert _compiled_flag(None) == "True"
+    for value in ("0", "false", "No", "off", "", None):
+        assert _compiled_flag(value) == "True", value
 
 
 # -- host_label --------------------------------------------------------

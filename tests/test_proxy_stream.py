@@ -422,14 +422,19 @@ def test_client_going_away_from_a_quiet_upstream_closes_it(
         assert noticed[0] - gone < 1.0
 
 
-def test_http10_client_that_shuts_down_writing_still_gets_its_answer(
-    make_router: MakeRouter,
+@pytest.mark.parametrize("last", ["http/1.0", "connection: close"])
+def test_client_that_sends_its_last_request_and_shuts_down_writing_gets_its_answer(
+    make_router: MakeRouter, last: str
 ) -> None:
     router = make_router()
+    if last == "http/1.0":
+        request = {"version": "1.0"}
+    else:
+        request = {"headers": [("Connection", "close")]}
     with upstream() as up:
         host = router.host(router.expose("sb", up.port))
         with Wire(router.port) as wire:
-            wire.send(request_bytes(host, "/half", version="1.0"))
+            wire.send(request_bytes(host, "/half", **request))  # type: ignore[arg-type]
             wire.sock.shutdown(socket.SHUT_WR)
             response = wire.response()
             assert response.status == 200 and response.json()["path"] == "/half"

@@ -63,3 +63,58 @@ def _check_demo(proc: subprocess.Popen[str]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             pytest.fail("router did not stop on SIGTERM")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-body", "99999999999999999999", "max_body must be between 0 and"),
+        ("--max-body", "-1", "max_body must be between 0 and"),
+        ("--max-head", "0", "max_head must be between 64 and"),
+        ("--max-head", "99999999999999999999", "max_head must be between 64 and"),
+        ("--grace", "nan", "grace must be between 0 and"),
+        ("--workers", "0", "workers must be between 1 and"),
+        ("--reserved-ports", "70000", "ports must be between 1 and 65535"),
+    ],
+)
+def test_out_of_range_settings_stop_startup(
+    flag: str, value: str, message: str
+) -> None:
+    """Refused with a message naming the setting, in both twins alike,
+    before anything listens (it used to fail per request, or in C)."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "router",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            flag,
+            value,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode != 0
+    assert message in run.stderr
+    assert repr(value) in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("head", ["64", str(16 * 1024 * 1024)])
+def test_in_range_extremes_are_taken_by_the_data_path(head: str) -> None:
+    import asyncio
+
+    from router import config, speedups
+    from router.routes import ForwardingTable
+
+    env = {"EDGE_ROUTER_MAX_BODY": str(2**63 - 1), "EDGE_ROUTER_MAX_HEAD": head}
+    cfg = config.load(None, env)
+    loop = asyncio.new_event_loop()
+    try:
+        proxy = speedups.proxy.Proxy(cfg, ForwardingTable(("localhost",)), loop)
+    finally:
+        loop.close()
+    assert (proxy.max_body, proxy.max_head) == (2**63 - 1, int(head))
