@@ -171,7 +171,8 @@ class RequestHead:
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return self._headers
+        """``[(name as sent, value), ...]``, a new list each time."""
+        return list(self._headers)
 
     @property
     def head_len(self) -> int:
@@ -257,7 +258,8 @@ class ResponseHead:
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return self._headers
+        """``[(name as sent, value), ...]``, a new list each time."""
+        return list(self._headers)
 
     @property
     def head_len(self) -> int:
@@ -741,8 +743,6 @@ def _render_fields(
     actions: bytes,
     length: bytes,
 ) -> None:
-    if len(headers) != len(actions):
-        raise ValueError("headers were changed after parsing")
     for (name, value), action in zip(headers, actions, strict=True):
         if action == _KEEP:
             parts += (name, b": ", value, b"\r\n")

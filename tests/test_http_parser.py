@@ -1187,3 +1187,18 @@ def test_framer_line_limits(http: ModuleType) -> None:
         http.ChunkedFramer(8).feed(b"0\r\nX: 123456\r\n\r\n")
     with pytest.raises(ValueError):
         http.ChunkedFramer(0)
+
+
+def test_headers_are_a_copy_that_cannot_change_what_is_forwarded(
+    both: tuple[ModuleType, ModuleType],
+) -> None:
+    for twin in both:
+        head = twin.parse_request(
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-Kept: 1\r\n\r\n", 1024
+        )
+        before = twin.render_request(head, b"up", b"")
+        head.headers.append((b"X-Added", b"2"))
+        head.headers.clear()
+        assert head.headers == [(b"Host", b"a"), (b"X-Kept", b"1")]
+        assert twin.render_request(head, b"up", b"") == before
+        assert b"X-Kept: 1\r\n" in before

@@ -8,7 +8,6 @@ cdef class RequestHead:
     cdef readonly bytes method
     cdef readonly bytes target
     cdef readonly int version          # 10 or 11
-    cdef readonly list headers         # [(name as sent, value), ...]
     cdef readonly Py_ssize_t head_len
     cdef readonly object host          # bytes, or None
     cdef readonly int framing          # BODY_NONE, BODY_LENGTH or BODY_CHUNKED
@@ -20,6 +19,8 @@ cdef class RequestHead:
     # How render_request treats each header: one byte per header, _KEEP,
     # _DROP or _RESTATE.  The bytes object can be longer than the list; only
     # the first _count bytes are meaningful.
+    cdef bytes _raw                    # the bytes the head was read from
+    cdef bytes _spans                  # 4 int32 offsets into _raw a header
     cdef bytes _actions
     cdef Py_ssize_t _count
     cdef bytes _content_length_value   # written for the _RESTATE header
@@ -31,12 +32,13 @@ cdef class ResponseHead:
     cdef readonly int status
     cdef readonly bytes reason
     cdef readonly int version
-    cdef readonly list headers
     cdef readonly Py_ssize_t head_len
     cdef readonly int framing
     cdef readonly long long content_length
     cdef readonly bint keep_alive
 
+    cdef bytes _raw
+    cdef bytes _spans
     cdef bytes _actions
     cdef Py_ssize_t _count
     cdef bytes _content_length_value
@@ -44,7 +46,8 @@ cdef class ResponseHead:
 
 cdef class _Fields:
     # What a header section says about framing and forwarding.
-    cdef list headers
+    cdef bytes raw                     # the bytes the spans point into
+    cdef bytes spans                   # 4 int32 a header: name, value bounds
     cdef bytes kinds                   # one kind per header, written in place
     cdef Py_ssize_t count
     cdef object host                   # first Host value, or None

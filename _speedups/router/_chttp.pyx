@@ -19,6 +19,7 @@ from cpython.bytes cimport (
     PyBytes_FromStringAndSize,
     PyBytes_GET_SIZE,
 )
+from libc.stdint cimport int32_t
 from libc.string cimport memchr, memcmp, memcpy
 
 BODY_NONE = 0
@@ -141,15 +142,39 @@ cdef bytes _lower(const char* raw, Py_ssize_t size):
     return out
 
 
-cdef object _get(list headers, bytes lname):
+# Headers are not split into Python objects while parsing: each is four
+# offsets into the bytes the head was read from (name start and end, value
+# start and end), and ``headers`` builds the list only when asked.  On the
+# data path nothing asks; the renderers copy straight from those bytes.
+
+cdef inline int32_t* _spans_of(bytes spans) noexcept:
+    return <int32_t*>PyBytes_AS_STRING(spans)
+
+
+cdef list _header_list(bytes raw, bytes spans, Py_ssize_t count):
+    cdef const char* buf = PyBytes_AS_STRING(raw)
+    cdef int32_t* s = _spans_of(spans)
+    cdef list out = []
+    cdef Py_ssize_t i
+    for i in range(count):
+        out.append((
+            PyBytes_FromStringAndSize(buf + s[4 * i], s[4 * i + 1] - s[4 * i]),
+            PyBytes_FromStringAndSize(buf + s[4 * i + 2], s[4 * i + 3] - s[4 * i + 2]),
+        ))
+    return out
+
+
+cdef object _get(bytes raw, bytes spans, Py_ssize_t count, bytes lname):
     cdef const char* want = PyBytes_AS_STRING(lname)
     cdef Py_ssize_t size = PyBytes_GET_SIZE(lname)
-    cdef tuple item
-    cdef bytes name
-    for item in headers:
-        name = <bytes?>item[0]
-        if _same_lower(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), want, size):
-            return item[1]
+    cdef const char* buf = PyBytes_AS_STRING(raw)
+    cdef int32_t* s = _spans_of(spans)
+    cdef Py_ssize_t i
+    for i in range(count):
+        if _same_lower(buf + s[4 * i], s[4 * i + 1] - s[4 * i], want, size):
+            return PyBytes_FromStringAndSize(
+                buf + s[4 * i + 2], s[4 * i + 3] - s[4 * i + 2]
+            )
     return None
 
 
@@ -159,15 +184,20 @@ cdef class RequestHead:
     def __init__(self):
         raise TypeError("RequestHead objects are made by parse_request")
 
+    @property
+    def headers(self):
+        """``[(name as sent, value), ...]``, a new list each time."""
+        return _header_list(self._raw, self._spans, self._count)
+
     def get(self, bytes lname not None):
         """The first value of the header named ``lname`` (lower case)."""
-        return _get(self.headers, lname)
+        return _get(self._raw, self._spans, self._count, lname)
 
     def __repr__(self):
         return (
             f"<RequestHead {self.method!r} {self.target!r} "
             f"HTTP/{self.version // 10}.{self.version % 10} "
-            f"{len(self.headers)} headers>"
+            f"{self._count} headers>"
         )
 
 
@@ -177,22 +207,26 @@ cdef class ResponseHead:
     def __init__(self):
         raise TypeError("ResponseHead objects are made by parse_response")
 
+    @property
+    def headers(self):
+        """``[(name as sent, value), ...]``, a new list each time."""
+        return _header_list(self._raw, self._spans, self._count)
+
     def get(self, bytes lname not None):
         """The first value of the header named ``lname`` (lower case)."""
-        return _get(self.headers, lname)
+        return _get(self._raw, self._spans, self._count, lname)
 
     def __repr__(self):
         return (
             f"<ResponseHead {self.status} {self.reason!r} "
             f"HTTP/{self.version // 10}.{self.version % 10} "
-            f"{len(self.headers)} headers>"
+            f"{self._count} headers>"
         )
 
 
 cdef class _Fields:
 
     def __cinit__(self):
-        self.headers = []
         self.host = None
         self.content_length_value = b""
         self.connection_listed = []
@@ -321,23 +355,31 @@ cdef list _unfold(list lines):
 
 
 cdef _Fields _parse_unfolded(bytes region):
-    # Slow path for obs-fold: unfold the lines, then read them as usual.
+    # Slow path for obs-fold: unfold the lines, then read them as usual; the
+    # headers then point into the unfolded copy.
     cdef list lines = _unfold(region.replace(b"\r", b"").split(b"\n"))
     cdef bytes joined = b"\n".join(lines)
-    return _parse_fields(PyBytes_AS_STRING(joined), 0, len(joined), len(lines))
+    return _parse_fields(joined, 0, len(joined), len(lines))
 
 
 cdef _Fields _parse_fields(
-    const char* buf, Py_ssize_t pos, Py_ssize_t stop, Py_ssize_t max_lines
+    bytes raw, Py_ssize_t pos, Py_ssize_t stop, Py_ssize_t max_lines
 ):
     # RFC 9112 §5: field-name ":" OWS field-value OWS.  The value bytes were
     # checked for the whole head at once, so only the name needs a scan.
     cdef _Fields fields = _Fields.__new__(_Fields)
-    cdef list headers = fields.headers
+    cdef const char* buf = PyBytes_AS_STRING(raw)
     cdef bytes kinds = PyBytes_FromStringAndSize(NULL, max_lines)
     cdef char* kind = PyBytes_AS_STRING(kinds)
+    cdef bytes spans = PyBytes_FromStringAndSize(
+        NULL, max_lines * 4 * sizeof(int32_t)
+    )
+    cdef int32_t* span = _spans_of(spans)
     cdef Py_ssize_t line_end, end, colon, value, value_end
-    cdef bytes name_obj, value_obj
+    if stop > 0x7FFFFFFF:
+        raise ValueError("message head too large to index")
+    fields.raw = raw
+    fields.spans = spans
     fields.kinds = kinds
     fields.count = 0
     while pos < stop:
@@ -363,11 +405,12 @@ cdef _Fields _parse_fields(
         while value_end > value and _is_space(buf[value_end - 1]):
             value_end -= 1
 
-        name_obj = PyBytes_FromStringAndSize(buf + pos, colon - pos)
-        value_obj = PyBytes_FromStringAndSize(buf + value, value_end - value)
-        headers.append((name_obj, value_obj))
+        span[4 * fields.count] = <int32_t>pos
+        span[4 * fields.count + 1] = <int32_t>colon
+        span[4 * fields.count + 2] = <int32_t>value
+        span[4 * fields.count + 3] = <int32_t>value_end
         kind[fields.count] = _note_field(
-            fields, buf + pos, colon - pos, buf + value, value_end - value, value_obj
+            fields, buf + pos, colon - pos, buf + value, value_end - value
         )
         fields.count += 1
         pos = line_end + 1
@@ -420,7 +463,6 @@ cdef int _note_field(
     Py_ssize_t name_size,
     const char* value,
     Py_ssize_t size,
-    bytes value_obj,
 ) except -1:
     cdef int kind = _kind(name, name_size)
     if kind == _K_OTHER:
@@ -429,9 +471,9 @@ cdef int _note_field(
     if kind == _K_HOST:
         fields.host_count += 1
         if fields.host is None:
-            fields.host = value_obj
+            fields.host = PyBytes_FromStringAndSize(value, size)
     elif kind == _K_CONTENT_LENGTH:
-        _note_content_length(fields, value, size, value_obj)
+        _note_content_length(fields, value, size)
     elif kind == _K_TRANSFER_ENCODING:
         # RFC 9112 §6.1: chunked is the only coding a proxy must understand;
         # like h11, refuse any other, a list, or a second header.
@@ -444,7 +486,7 @@ cdef int _note_field(
         _note_connection(fields, value, size)
     elif kind == _K_UPGRADE:
         if fields.upgrade_value is None:
-            fields.upgrade_value = value_obj
+            fields.upgrade_value = PyBytes_FromStringAndSize(value, size)
     elif kind == _K_EXPECT:
         _note_expect(fields, value, size)
     return kind
@@ -471,7 +513,7 @@ cdef inline void _comma_item(const char* value, Py_ssize_t size, Py_ssize_t pos,
 
 
 cdef int _note_content_length(
-    _Fields fields, const char* value, Py_ssize_t size, bytes value_obj
+    _Fields fields, const char* value, Py_ssize_t size
 ) except -1:
     # RFC 9112 §6.3 and RFC 9110 §8.6, as h11 reads them: a list of equal
     # values ("5, 5") or repeated equal headers stand for one length; any
@@ -494,10 +536,7 @@ cdef int _note_content_length(
 
     fields.content_length_count += 1
     if fields.content_length_count == 1:
-        if first.size == size:
-            fields.content_length_value = value_obj
-        else:
-            fields.content_length_value = first.start[:first.size]
+        fields.content_length_value = first.start[:first.size]
         fields.restate_length = first.next >= 0
         return 0
 
@@ -558,9 +597,9 @@ cdef int _note_expect(_Fields fields, const char* value, Py_ssize_t size) except
 
 
 cdef bint _listed(_Fields fields, Py_ssize_t index) except -1:
-    cdef bytes name = <bytes>(<tuple>fields.headers[index])[0]
-    cdef const char* raw = PyBytes_AS_STRING(name)
-    cdef Py_ssize_t size = PyBytes_GET_SIZE(name)
+    cdef int32_t* span = _spans_of(fields.spans)
+    cdef const char* raw = PyBytes_AS_STRING(fields.raw) + span[4 * index]
+    cdef Py_ssize_t size = span[4 * index + 1] - span[4 * index]
     cdef bytes option
     for option in fields.connection_listed:
         if _same_lower(raw, size, PyBytes_AS_STRING(option), len(option)):
@@ -595,12 +634,23 @@ def parse_request(object buf, Py_ssize_t max_head):
         raise ValueError("max_head must be positive")
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
     try:
-        return _parse_request(<const char*>view.buf, view.len, max_head)
+        return _parse_request(buf, <const char*>view.buf, view.len, max_head)
     finally:
         PyBuffer_Release(&view)
 
 
-cdef object _parse_request(const char* buf, Py_ssize_t size, Py_ssize_t max_head):
+cdef bytes _head_bytes(object obj, const char* buf, Py_ssize_t end):
+    # The bytes a parsed head points into: the caller's own bytes object
+    # when it is one (no copy; the head keeps it alive), else a copy of the
+    # head, since a bytearray or a memoryview can change under it.
+    if type(obj) is bytes:
+        return <bytes>obj
+    return PyBytes_FromStringAndSize(buf, end)
+
+
+cdef object _parse_request(
+    object obj, const char* buf, Py_ssize_t size, Py_ssize_t max_head
+):
     cdef _Span span
     cdef Py_ssize_t line_end, pos, first, second, i
     cdef const char* space
@@ -608,7 +658,7 @@ cdef object _parse_request(const char* buf, Py_ssize_t size, Py_ssize_t max_head
     cdef bint keep_alive
     cdef _Fields fields
     cdef object host, authority, upgrade, absolute
-    cdef bytes target, origin_form, rest
+    cdef bytes target, origin_form, rest, raw
     cdef RequestHead head
 
     # 1. Find the blank line that ends the head.
@@ -647,7 +697,8 @@ cdef object _parse_request(const char* buf, Py_ssize_t size, Py_ssize_t max_head
     # 3. Read the header section; obs-fold is refused in requests (RFC 9112
     #    §5.2 allows it), which leaves a smuggler no two readings of a header.
     #    h11 unfolds it instead: the one grammar difference between the two.
-    fields = _parse_fields(buf, line_end + 1, span.blank, span.lines)
+    raw = _head_bytes(obj, buf, span.end)
+    fields = _parse_fields(raw, line_end + 1, span.blank, span.lines)
 
     # 4. Host, RFC 9112 §3.2: a 1.1 request without one, or any request with
     #    two, is answered 400.
@@ -713,7 +764,8 @@ cdef object _parse_request(const char* buf, Py_ssize_t size, Py_ssize_t max_head
     head.method = _method(buf, first)
     head.target = target
     head.version = version
-    head.headers = fields.headers
+    head._raw = fields.raw
+    head._spans = fields.spans
     head.head_len = span.end
     head.host = host
     head.framing = framing
@@ -816,41 +868,40 @@ cdef inline char* _put_c(char* w, const char* part, Py_ssize_t size) noexcept:
 
 
 cdef Py_ssize_t _fields_size(
-    list headers, bytes actions, Py_ssize_t count, bytes length
-) except -1:
+    bytes spans, bytes actions, Py_ssize_t count, bytes length
+) noexcept:
     # Bytes taken by the kept headers, each "name: value\r\n".
     cdef const char* action = PyBytes_AS_STRING(actions)
+    cdef int32_t* s = _spans_of(spans)
     cdef Py_ssize_t size = 0
     cdef Py_ssize_t index
-    cdef tuple item
-    if len(headers) != count:
-        raise ValueError("headers were changed after parsing")
     for index in range(count):
         if action[index] == _DROP:
             continue
-        item = <tuple?>headers[index]
-        size += PyBytes_GET_SIZE(<bytes?>item[0]) + 4
+        size += s[4 * index + 1] - s[4 * index] + 4
         if action[index] == _KEEP:
-            size += PyBytes_GET_SIZE(<bytes?>item[1])
+            size += s[4 * index + 3] - s[4 * index + 2]
         else:
             size += PyBytes_GET_SIZE(length)
     return size
 
 
 cdef char* _put_fields(
-    char* w, list headers, bytes actions, Py_ssize_t count, bytes length
+    char* w, bytes raw, bytes spans, bytes actions, Py_ssize_t count, bytes length
 ) noexcept:
-    # Only called after _fields_size has checked every item's type.
     cdef const char* action = PyBytes_AS_STRING(actions)
+    cdef const char* buf = PyBytes_AS_STRING(raw)
+    cdef int32_t* s = _spans_of(spans)
     cdef Py_ssize_t index
-    cdef tuple item
     for index in range(count):
         if action[index] == _DROP:
             continue
-        item = <tuple>headers[index]
-        w = _put(w, <bytes>item[0])
+        w = _put_c(w, buf + s[4 * index], s[4 * index + 1] - s[4 * index])
         w = _put_c(w, b": ", 2)
-        w = _put(w, <bytes>item[1] if action[index] == _KEEP else length)
+        if action[index] == _KEEP:
+            w = _put_c(w, buf + s[4 * index + 2], s[4 * index + 3] - s[4 * index + 2])
+        else:
+            w = _put(w, length)
         w = _put_c(w, b"\r\n", 2)
     return w
 
@@ -868,7 +919,7 @@ def render_request(RequestHead head not None, bytes host not None,
     # 1. Measure, so that the head is written into one bytes object.
     size = PyBytes_GET_SIZE(head.method) + PyBytes_GET_SIZE(head._origin_form) + 12
     size += _fields_size(
-        head.headers, head._actions, head._count, head._content_length_value
+        head._spans, head._actions, head._count, head._content_length_value
     )
     size += 8 + PyBytes_GET_SIZE(host) + PyBytes_GET_SIZE(extra) + 2
     if upgrade:
@@ -882,7 +933,12 @@ def render_request(RequestHead head not None, bytes host not None,
     w = _put(w, head._origin_form)
     w = _put_c(w, b" HTTP/1.1\r\n", 11)
     w = _put_fields(
-        w, head.headers, head._actions, head._count, head._content_length_value
+        w,
+        head._raw,
+        head._spans,
+        head._actions,
+        head._count,
+        head._content_length_value,
     )
     w = _put_c(w, b"Host: ", 6)
     w = _put(w, host)
@@ -920,7 +976,9 @@ def parse_response(object buf, Py_ssize_t max_head, bint head_request):
         raise ValueError("max_head must be positive")
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
     try:
-        return _parse_response(<const char*>view.buf, view.len, max_head, head_request)
+        return _parse_response(
+            buf, <const char*>view.buf, view.len, max_head, head_request
+        )
     except ParseError as exc:
         raise ParseError(502, "UPSTREAM_BAD_RESPONSE", exc.message) from None
     finally:
@@ -928,7 +986,11 @@ def parse_response(object buf, Py_ssize_t max_head, bint head_request):
 
 
 cdef object _parse_response(
-    const char* buf, Py_ssize_t size, Py_ssize_t max_head, bint head_request
+    object obj,
+    const char* buf,
+    Py_ssize_t size,
+    Py_ssize_t max_head,
+    bint head_request,
 ):
     cdef _Span span
     cdef Py_ssize_t line_end, pos, i
@@ -967,7 +1029,9 @@ cdef object _parse_response(
     if span.folded:
         fields = _parse_unfolded(buf[line_end + 1:span.blank])
     else:
-        fields = _parse_fields(buf, line_end + 1, span.blank, span.lines)
+        fields = _parse_fields(
+            _head_bytes(obj, buf, span.end), line_end + 1, span.blank, span.lines
+        )
     content_length = _content_length(fields)
 
     # 4. Body framing, RFC 9112 §6.3: interim, 204 and 304 responses and
@@ -998,7 +1062,8 @@ cdef object _parse_response(
     head.status = status
     head.reason = buf[13:pos] if pos > 13 else b""
     head.version = version
-    head.headers = fields.headers
+    head._raw = fields.raw
+    head._spans = fields.spans
     head.head_len = span.end
     head.framing = framing
     head.content_length = content_length if framing == _LENGTH else -1
@@ -1051,7 +1116,7 @@ def render_response(ResponseHead head not None, bint close):
     # 1. Measure, so that the head is written into one bytes object.
     size = 13 + PyBytes_GET_SIZE(head.reason) + 2
     size += _fields_size(
-        head.headers, head._actions, head._count, head._content_length_value
+        head._spans, head._actions, head._count, head._content_length_value
     )
     if close:
         size += 19
@@ -1069,7 +1134,12 @@ def render_response(ResponseHead head not None, bint close):
     w = _put(w, head.reason)
     w = _put_c(w, b"\r\n", 2)
     w = _put_fields(
-        w, head.headers, head._actions, head._count, head._content_length_value
+        w,
+        head._raw,
+        head._spans,
+        head._actions,
+        head._count,
+        head._content_length_value,
     )
     if close:
         w = _put_c(w, b"Connection: close\r\n", 19)
