@@ -57,7 +57,8 @@ cdef class ClientConnection:
     cdef public Proxy proxy
     cdef public UpstreamConnection upstream
     cdef public RequestHead head
-    cdef public object transport, peer, forwarded, forwarded_for, buf, sandbox
+    cdef public object transport, peer, forwarded, forwarded_for, sandbox
+    cdef public bytes buf
     cdef public object req_framer, label
     cdef public CTunnel tunnel
     cdef public list pending_body
@@ -107,7 +108,8 @@ cdef class ClientConnection:
 cdef class UpstreamConnection:
     cdef public Proxy proxy
     cdef public ClientConnection client
-    cdef public object key, transport, buf, framer, sent_head, relay
+    cdef public object key, transport, framer, sent_head, relay
+    cdef public bytes buf
     cdef public int state, framing
     cdef public long long remaining, uses
     cdef public bint head_request, dechunk, reusable, got_bytes
