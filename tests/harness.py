@@ -167,6 +167,19 @@ def raw_request(port: int, data: bytes, timeout: float = 5) -> bytes:
         return b"".join(chunks)
 
 
+def serve_refused(*flags: str, timeout: float = 30) -> str:
+    """Run ``edge-router serve`` on loopback with ``flags``; it must refuse
+    to start.  Returns what it wrote to stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "router", "serve", "--listen", "127.0.0.1:0", *flags],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode != 0, proc.stderr
+    return proc.stderr
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import Recorder, RouterThread, UpstreamServer
+from harness import Recorder, RouterThread, UpstreamServer, serve_refused
 from websockets.exceptions import InvalidStatus
 from ws_harness import (
     TIMEOUT,
@@ -297,21 +295,5 @@ def test_ipv6_loopback_internal_listener(
     "address", ["0.0.0.0:0", "[::]:0", "192.0.2.1:8788", "example.com:8788"]
 )
 def test_non_loopback_internal_address_is_refused(address: str) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "router",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--no-demo",
-            "--internal",
-            address,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
-    assert proc.returncode != 0
-    assert "--internal must be a loopback address or unix:PATH" in proc.stderr
+    stderr = serve_refused("--no-demo", "--internal", address)
+    assert "--internal must be a loopback address or unix:PATH" in stderr
