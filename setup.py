@@ -64,6 +64,9 @@ def extensions() -> list[Extension]:
         "wraparound": False,
         "cdivision": True,
         "embedsignature": True,
+        # Heads and tables hold C state (offsets, pointers) that must not be
+        # copied out or set from a pickle.
+        "auto_pickle": False,
     }
     # The pure-mode module keeps Python's semantics (negative indices, index
     # checks): it is the pure twin's very source.  Its annotations are for

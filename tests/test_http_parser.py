@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import itertools
-import os
 import random
 import re
 from collections.abc import Callable
@@ -26,9 +25,11 @@ from http_corpus import REQUESTS, RESPONSES, Case
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from router import speedups
+
 COMPILED = "router._chttp"
 PURE = "router._http_py"
-FORCED_PURE = os.environ.get("EDGE_ROUTER_PURE", "") not in ("", "0")
+FORCED_PURE = speedups.FORCED_PURE
 
 # Large enough that no generated head meets it: the head limit has tests of
 # its own, and h11 only applies its limit to incomplete heads.
@@ -1202,3 +1203,25 @@ def test_headers_are_a_copy_that_cannot_change_what_is_forwarded(
         assert head.headers == [(b"Host", b"a"), (b"X-Kept", b"1")]
         assert twin.render_request(head, b"up", b"") == before
         assert b"X-Kept: 1\r\n" in before
+
+
+def test_compiled_heads_cannot_be_pickled_or_made_bare() -> None:
+    """Their C state (offsets into the received bytes) never leaves them or
+    comes from outside: no pickle, and a head not made by the parser is
+    refused by the renderers rather than read."""
+    import pickle
+
+    compiled = _import_twin(COMPILED) if not FORCED_PURE else None
+    if compiled is None:
+        pytest.skip("the pure run need not have the compiled twins built")
+    head = compiled.parse_response(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n", 100, False)
+    with pytest.raises(TypeError):
+        pickle.dumps(head)
+    with pytest.raises(TypeError):
+        compiled.render_request(
+            compiled.RequestHead.__new__(compiled.RequestHead), b"h", b""
+        )
+    with pytest.raises(TypeError):
+        compiled.render_response(
+            compiled.ResponseHead.__new__(compiled.ResponseHead), True
+        )

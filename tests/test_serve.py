@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 from harness import serve_refused
+
+from router import speedups
 
 
 def test_version_names_the_hot_path() -> None:
@@ -19,7 +20,7 @@ def test_version_names_the_hot_path() -> None:
         check=True,
     ).stdout
     assert out.startswith("edge-router ")
-    if os.environ.get("EDGE_ROUTER_PURE"):
+    if speedups.FORCED_PURE:
         assert "pure-Python twins" in out
     else:
         assert "compiled hot path" in out

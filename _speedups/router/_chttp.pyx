@@ -377,7 +377,7 @@ cdef _Fields _parse_fields(
     cdef int32_t* span = _spans_of(spans)
     cdef Py_ssize_t line_end, end, colon, value, value_end
     if stop > 0x7FFFFFFF:
-        raise ValueError("message head too large to index")
+        raise ParseError(431, "HEADERS_TOO_LARGE", "message head is too large")
     fields.raw = raw
     fields.spans = spans
     fields.kinds = kinds
@@ -916,6 +916,9 @@ def render_request(RequestHead head not None, bytes host not None,
     cdef char* w
     cdef bint upgrade = head.upgrade is not None
 
+    if head._spans is None:
+        raise TypeError("RequestHead objects are made by parse_request")
+
     # 1. Measure, so that the head is written into one bytes object.
     size = PyBytes_GET_SIZE(head.method) + PyBytes_GET_SIZE(head._origin_form) + 12
     size += _fields_size(
@@ -1112,6 +1115,9 @@ def render_response(ResponseHead head not None, bint close):
     cdef bytes out
     cdef char* w
     cdef char status[3]
+
+    if head._spans is None:
+        raise TypeError("ResponseHead objects are made by parse_response")
 
     # 1. Measure, so that the head is written into one bytes object.
     size = 13 + PyBytes_GET_SIZE(head.reason) + 2
