@@ -117,40 +117,77 @@ def _bad(message: str) -> ParseError:
     return ParseError(400, "BAD_REQUEST", message)
 
 
-class RequestHead:
-    """A parsed request head; attributes are read-only."""
+class _Head:
+    """What request and response heads share; attributes are read-only."""
 
     __slots__ = (
         "_actions",
         "_content_length",
         "_content_length_value",
-        "_expect_continue",
         "_framing",
         "_head_len",
         "_headers",
-        "_host",
         "_keep_alive",
+        "_version",
+    )
+
+    _version: int
+    _headers: list[tuple[bytes, bytes]]
+    _head_len: int
+    _framing: int
+    _content_length: int
+    _keep_alive: bool
+    _actions: bytes
+    _content_length_value: bytes
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """``[(name as sent, value), ...]``, a new list each time."""
+        return list(self._headers)
+
+    @property
+    def head_len(self) -> int:
+        return self._head_len
+
+    @property
+    def framing(self) -> int:
+        return self._framing
+
+    @property
+    def content_length(self) -> int:
+        return self._content_length
+
+    @property
+    def keep_alive(self) -> bool:
+        return self._keep_alive
+
+    def get(self, lname: bytes) -> bytes | None:
+        """The first value of the header named ``lname`` (lower case)."""
+        return _get(self._headers, lname)
+
+
+class RequestHead(_Head):
+    """A parsed request head; attributes are read-only."""
+
+    __slots__ = (
+        "_expect_continue",
+        "_host",
         "_method",
         "_origin_form",
         "_target",
         "_upgrade",
         "_upgrade_value",
-        "_version",
     )
 
     _method: bytes
     _target: bytes
-    _version: int
-    _headers: list[tuple[bytes, bytes]]
-    _head_len: int
     _host: bytes | None
-    _framing: int
-    _content_length: int
-    _keep_alive: bool
     _upgrade: bytes | None
     _expect_continue: bool
-    _actions: bytes
-    _content_length_value: bytes
     _upgrade_value: bytes
     _origin_form: bytes
 
@@ -166,33 +203,8 @@ class RequestHead:
         return self._target
 
     @property
-    def version(self) -> int:
-        return self._version
-
-    @property
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        """``[(name as sent, value), ...]``, a new list each time."""
-        return list(self._headers)
-
-    @property
-    def head_len(self) -> int:
-        return self._head_len
-
-    @property
     def host(self) -> bytes | None:
         return self._host
-
-    @property
-    def framing(self) -> int:
-        return self._framing
-
-    @property
-    def content_length(self) -> int:
-        return self._content_length
-
-    @property
-    def keep_alive(self) -> bool:
-        return self._keep_alive
 
     @property
     def upgrade(self) -> bytes | None:
@@ -202,10 +214,6 @@ class RequestHead:
     def expect_continue(self) -> bool:
         return self._expect_continue
 
-    def get(self, lname: bytes) -> bytes | None:
-        """The first value of the header named ``lname`` (lower case)."""
-        return _get(self._headers, lname)
-
     def __repr__(self) -> str:
         return (
             f"<RequestHead {self._method!r} {self._target!r} "
@@ -214,32 +222,13 @@ class RequestHead:
         )
 
 
-class ResponseHead:
+class ResponseHead(_Head):
     """A parsed response head; attributes are read-only."""
 
-    __slots__ = (
-        "_actions",
-        "_content_length",
-        "_content_length_value",
-        "_framing",
-        "_head_len",
-        "_headers",
-        "_keep_alive",
-        "_reason",
-        "_status",
-        "_version",
-    )
+    __slots__ = ("_reason", "_status")
 
     _status: int
     _reason: bytes
-    _version: int
-    _headers: list[tuple[bytes, bytes]]
-    _head_len: int
-    _framing: int
-    _content_length: int
-    _keep_alive: bool
-    _actions: bytes
-    _content_length_value: bytes
 
     def __init__(self) -> None:
         raise TypeError("ResponseHead objects are made by parse_response")
@@ -251,35 +240,6 @@ class ResponseHead:
     @property
     def reason(self) -> bytes:
         return self._reason
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    @property
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        """``[(name as sent, value), ...]``, a new list each time."""
-        return list(self._headers)
-
-    @property
-    def head_len(self) -> int:
-        return self._head_len
-
-    @property
-    def framing(self) -> int:
-        return self._framing
-
-    @property
-    def content_length(self) -> int:
-        return self._content_length
-
-    @property
-    def keep_alive(self) -> bool:
-        return self._keep_alive
-
-    def get(self, lname: bytes) -> bytes | None:
-        """The first value of the header named ``lname`` (lower case)."""
-        return _get(self._headers, lname)
 
     def __repr__(self) -> str:
         return (

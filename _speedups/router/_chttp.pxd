@@ -4,44 +4,38 @@
 # same names (with a leading underscore behind read-only properties).
 
 
-cdef class RequestHead:
-    cdef readonly bytes method
-    cdef readonly bytes target
+cdef class _Head:
+    # What request and response heads share.
     cdef readonly int version          # 10 or 11
     cdef readonly Py_ssize_t head_len
-    cdef readonly object host          # bytes, or None
-    cdef readonly int framing          # BODY_NONE, BODY_LENGTH or BODY_CHUNKED
+    cdef readonly int framing          # BODY_NONE, BODY_LENGTH, ...
     cdef readonly long long content_length
     cdef readonly bint keep_alive
-    cdef readonly object upgrade       # lower-cased bytes, or None
-    cdef readonly bint expect_continue
 
-    # How render_request treats each header: one byte per header, _KEEP,
-    # _DROP or _RESTATE.  The bytes object can be longer than the list; only
-    # the first _count bytes are meaningful.
+    # How the renderers treat each header: one byte per header, _KEEP,
+    # _DROP or _RESTATE.  The bytes objects can be longer than needed; only
+    # the first _count entries are meaningful.
     cdef bytes _raw                    # the bytes the head was read from
     cdef bytes _spans                  # 4 int32 offsets into _raw a header
     cdef bytes _actions
     cdef Py_ssize_t _count
     cdef bytes _content_length_value   # written for the _RESTATE header
+
+
+cdef class RequestHead(_Head):
+    cdef readonly bytes method
+    cdef readonly bytes target
+    cdef readonly object host          # bytes, or None
+    cdef readonly object upgrade       # lower-cased bytes, or None
+    cdef readonly bint expect_continue
+
     cdef bytes _upgrade_value          # the Upgrade header as received
     cdef bytes _origin_form            # the target as sent upstream
 
 
-cdef class ResponseHead:
+cdef class ResponseHead(_Head):
     cdef readonly int status
     cdef readonly bytes reason
-    cdef readonly int version
-    cdef readonly Py_ssize_t head_len
-    cdef readonly int framing
-    cdef readonly long long content_length
-    cdef readonly bint keep_alive
-
-    cdef bytes _raw
-    cdef bytes _spans
-    cdef bytes _actions
-    cdef Py_ssize_t _count
-    cdef bytes _content_length_value
 
 
 cdef class _Fields:

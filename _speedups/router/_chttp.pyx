@@ -178,11 +178,8 @@ cdef object _get(bytes raw, bytes spans, Py_ssize_t count, bytes lname):
     return None
 
 
-cdef class RequestHead:
-    """A parsed request head; attributes are read-only."""
-
-    def __init__(self):
-        raise TypeError("RequestHead objects are made by parse_request")
+cdef class _Head:
+    """What request and response heads share; attributes are read-only."""
 
     @property
     def headers(self):
@@ -192,6 +189,13 @@ cdef class RequestHead:
     def get(self, bytes lname not None):
         """The first value of the header named ``lname`` (lower case)."""
         return _get(self._raw, self._spans, self._count, lname)
+
+
+cdef class RequestHead(_Head):
+    """A parsed request head; attributes are read-only."""
+
+    def __init__(self):
+        raise TypeError("RequestHead objects are made by parse_request")
 
     def __repr__(self):
         return (
@@ -201,20 +205,11 @@ cdef class RequestHead:
         )
 
 
-cdef class ResponseHead:
+cdef class ResponseHead(_Head):
     """A parsed response head; attributes are read-only."""
 
     def __init__(self):
         raise TypeError("ResponseHead objects are made by parse_response")
-
-    @property
-    def headers(self):
-        """``[(name as sent, value), ...]``, a new list each time."""
-        return _header_list(self._raw, self._spans, self._count)
-
-    def get(self, bytes lname not None):
-        """The first value of the header named ``lname`` (lower case)."""
-        return _get(self._raw, self._spans, self._count, lname)
 
     def __repr__(self):
         return (
