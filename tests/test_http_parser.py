@@ -249,6 +249,19 @@ def _frame_chunked(
     return used, b"".join(payload)
 
 
+def _framed_body(
+    http: ModuleType, head: Any, rest: bytes, rnd: random.Random
+) -> tuple[int, bytes] | None:
+    """Where a length- or chunk-framed message in ``rest`` ends, and its
+    body; None while it is incomplete."""
+    start = head.head_len
+    if head.framing == http.BODY_CHUNKED:
+        used, body = _frame_chunked(http, rest[start:], rnd)
+        return None if used is None else (start + used, body)
+    end = start + head.content_length
+    return None if end > len(rest) else (end, rest[start:end])
+
+
 def our_requests(http: ModuleType, data: bytes, seed: int = 0) -> Outcome:
     """A twin's reading of pipelined requests, the way the proxy reads them."""
     rnd = random.Random(seed)
@@ -264,16 +277,11 @@ def our_requests(http: ModuleType, data: bytes, seed: int = 0) -> Outcome:
                 lambda b: http.parse_request(b, MAX_HEAD), rest, head.head_len, rnd
             )
             start = head.head_len
-            if head.framing == http.BODY_CHUNKED:
-                used, body = _frame_chunked(http, rest[start:], rnd)
-                if used is None:
+            if head.framing in (http.BODY_CHUNKED, http.BODY_LENGTH):
+                framed = _framed_body(http, head, rest, rnd)
+                if framed is None:
                     return Outcome(messages, "incomplete")
-                end = start + used
-            elif head.framing == http.BODY_LENGTH:
-                end = start + head.content_length
-                if end > len(rest):
-                    return Outcome(messages, "incomplete")
-                body = rest[start:end]
+                end, body = framed
             else:
                 assert head.framing == http.BODY_NONE
                 assert head.content_length == -1
@@ -386,16 +394,11 @@ def our_responses(
                 rnd,
             )
             start = head.head_len
-            if head.framing == http.BODY_CHUNKED:
-                used, body = _frame_chunked(http, rest[start:], rnd)
-                if used is None:
+            if head.framing in (http.BODY_CHUNKED, http.BODY_LENGTH):
+                framed = _framed_body(http, head, rest, rnd)
+                if framed is None:
                     return Outcome(messages, "incomplete")
-                end = start + used
-            elif head.framing == http.BODY_LENGTH:
-                end = start + head.content_length
-                if end > len(rest):
-                    return Outcome(messages, "incomplete")
-                body = rest[start:end]
+                end, body = framed
             elif head.framing == http.BODY_CLOSE:
                 assert not head.keep_alive
                 end, body = len(rest), rest[start:]
