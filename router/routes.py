@@ -630,20 +630,37 @@ class ForwardingTable:
         # A sandbox is a slot in three parallel arrays rather than an object
         # of its own: at a million routes an object per sandbox was a tenth
         # of a worker's table.  Slot 0 is never used (``None``).
-        self.sandbox_names: list[str | None] = [None]
-        self.sandbox_hosts: list[str | None] = [None]
-        self.sandbox_stopped = bytearray(1)
+        self.sandbox_names: list[str | None] = []
+        self.sandbox_hosts: list[str | None] = []
+        self.sandbox_stopped = bytearray()
         self.sandbox_slots: dict[str, int] = {}
         self._free_sandbox_slots: list[int] = []
         self._hosts: dict[str, str] = {}
         # Slot 0 means "the sandbox's upstream host, same port".
-        self.targets: list[tuple[str, int] | str | None] = [None]
+        self.targets: list[tuple[str, int] | str | None] = []
         self.target_slots: dict[str, int] = {}
-        self.target_refs: list[int] = [0]
+        self.target_refs: list[int] = []
         # slot → the target as exposed, so a freed slot's key is found
         # without scanning ``target_slots``.
-        self.target_names: list[str | None] = [None]
+        self.target_names: list[str | None] = []
         self._free_target_slots: list[int] = []
+        self._empty()
+
+    def _empty(self) -> None:
+        """Back to no sandboxes and no routes, in place, never replaced:
+        the data path holds on to the index and the lists
+        (``router.speedups.proxy.Proxy``)."""
+        self.index.clear()
+        self.sandbox_names[:] = [None]
+        self.sandbox_hosts[:] = [None]
+        self.sandbox_stopped[:] = bytes(1)
+        self.sandbox_slots.clear()
+        self._free_sandbox_slots.clear()
+        self.targets[:] = [None]
+        self.target_slots.clear()
+        self.target_refs[:] = [0]
+        self.target_names[:] = [None]
+        self._free_target_slots.clear()
 
     def apply(self, rec: Record) -> None:
         op = rec["op"]
@@ -746,19 +763,7 @@ class ForwardingTable:
             self._free_target_slots.append(slot)
 
     def load_snapshot(self, snap: dict[str, Any]) -> None:
-        # Emptied in place, never replaced: the data path holds on to the
-        # index and the lists (router.speedups.proxy.Proxy).
-        self.index.clear()
-        self.sandbox_names[:] = [None]
-        self.sandbox_hosts[:] = [None]
-        self.sandbox_stopped[:] = bytes(1)
-        self.sandbox_slots.clear()
-        self._free_sandbox_slots.clear()
-        self.targets[:] = [None]
-        self.target_slots.clear()
-        self.target_refs[:] = [0]
-        self.target_names[:] = [None]
-        self._free_target_slots.clear()
+        self._empty()
         for sb in snap["sandboxes"]:
             self.put_sandbox(Sandbox(sb["name"], sb["upstream_host"], sb["state"]))
         for r in snap["routes"]:
