@@ -7,6 +7,10 @@ the table.  table_bench.py builds this module on first use and times one
 call of ``lookups`` over many labels.
 """
 
+from time import perf_counter_ns
+
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+
 from router._clabels cimport LabelIndex
 
 
@@ -18,3 +22,41 @@ def lookups(LabelIndex index, list labels):
         if index.lookup(label) is not None:
             found += 1
     return found
+
+
+def memory_latency_ns(size_t nbytes, size_t steps=2_000_000):
+    """Nanoseconds per dependent random read in an array of ``nbytes``.
+
+    A pointer chase through one random cycle (Sattolo's shuffle), so each
+    read waits for the one before, as a hash probe waits for its slot: the
+    floor under any lookup whose table does not fit in the caches.
+    """
+    cdef size_t n = nbytes // sizeof(size_t)
+    cdef size_t *a = <size_t *>PyMem_Malloc(n * sizeof(size_t))
+    cdef size_t i, j, t, _step, p = 0
+    cdef unsigned long long x = 88172645463325252ULL
+    if a == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            a[i] = i
+        i = n - 1
+        while i > 0:
+            x ^= x << 13
+            x ^= x >> 7
+            x ^= x << 17
+            j = x % i
+            t = a[i]
+            a[i] = a[j]
+            a[j] = t
+            i -= 1
+        start = perf_counter_ns()
+        for _step in range(steps):
+            p = a[p]
+        elapsed = perf_counter_ns() - start
+    finally:
+        PyMem_Free(a)
+    # The chase's end is used, so the compiler cannot drop the loop.
+    if p >= n:
+        raise AssertionError("the chase left the array")
+    return elapsed / steps

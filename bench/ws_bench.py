@@ -686,6 +686,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0, help="per round")
     parser.add_argument("--idle-tunnels", type=int, default=10_000)
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(s.key for s in SCENARIOS),
+        help="comma-separated scenario names to run (default: all)",
+    )
     parser.add_argument("--proxy-cpu", default="1")
     parser.add_argument("--load-cpu", default="0")
     parser.add_argument("--python", default=sys.executable)
@@ -730,8 +735,12 @@ async def run(
         print(f"{target.name}: {memory[target.name] / 1024:.1f} KiB per idle tunnel")
 
     # 2. Throughput, alternating.
+    wanted_keys = {k.strip() for k in args.scenarios.split(",")}
+    scenarios = [s for s in SCENARIOS if s.key in wanted_keys]
+    if not scenarios:
+        raise SystemExit(f"no such scenario in {args.scenarios!r}")
     for r in range(args.rounds):
-        for scenario in SCENARIOS:
+        for scenario in scenarios:
             # Alternate which proxy goes first from round to round.
             order = targets if r % 2 == 0 else targets[::-1]
             for target in order:
@@ -753,7 +762,7 @@ async def run(
         f"{'scenario':14}{'edge msg/s':>12}{'nginx msg/s':>13}{'ratio':>7}"
         f"{'edge us/msg':>13}{'nginx us/msg':>14}{'ratio':>7}"
     )
-    for scenario in SCENARIOS:
+    for scenario in scenarios:
         edge = results[("edge-router", scenario.key)]
         ngx = results[("nginx", scenario.key)]
         e_rate = statistics.median(x.rate for x in edge)

@@ -894,10 +894,16 @@ class ClientConnection:
                 up.close()
             self._upstream_failed("UPSTREAM_TIMEOUT")
         elif kind == DL_HEAD and self.buf:
-            # A request head that never completes: 408-style, but SPEC §3
-            # has no code for it, so the connection is just closed.
+            # A request head begun but never finished.  SPEC §3 has no row
+            # for it; a 408 (RFC 9110 §15.5.9) with the usual JSON body
+            # tells a slow but honest client what happened, where a bare
+            # close looks like a crash.  An idle connection (no bytes of a
+            # next request) is closed silently below, as RFC 9112 §9.6 lets
+            # a server do.
             log.info("request head timeout from %s", self.peer)
-            self._close()
+            self.proxy.stats.errors += 1
+            self.head = None
+            self._reply("REQUEST_TIMEOUT", close=True)
         else:
             self._close()
 

@@ -12,6 +12,7 @@ import orjson
 REASONS = {
     400: b"Bad Request",
     404: b"Not Found",
+    408: b"Request Timeout",
     410: b"Gone",
     413: b"Content Too Large",
     431: b"Request Header Fields Too Large",
@@ -29,6 +30,7 @@ MESSAGES = {
     "UPSTREAM_CLOSED": (502, "The sandbox port closed the connection before answering"),
     "UPSTREAM_BAD_RESPONSE": (502, "The sandbox port sent a malformed response"),
     "BAD_REQUEST": (400, "Malformed request"),
+    "REQUEST_TIMEOUT": (408, "The request head did not arrive in time"),
     "HEADERS_TOO_LARGE": (431, "Request header section too large"),
     "BODY_TOO_LARGE": (413, "Request body too large"),
     "SHUTTING_DOWN": (503, "The router is shutting down"),

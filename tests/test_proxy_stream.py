@@ -921,6 +921,7 @@ def test_slow_head_flood_does_not_starve_others(make_router: MakeRouter) -> None
             slow.append(sock)
         first_byte: dict[int, float] = {}
         cut: dict[int, float] = {}
+        said: dict[int, bytes] = {}
         stop = threading.Event()
 
         def dribble() -> None:
@@ -933,9 +934,11 @@ def test_slow_head_flood_does_not_starve_others(make_router: MakeRouter) -> None
                     if i in cut:
                         continue
                     try:
-                        if sock.recv(1024) == b"":
+                        data = sock.recv(1024)
+                        if data == b"":
                             cut[i] = time.monotonic()
                             continue
+                        said[i] = said.get(i, b"") + data
                     except BlockingIOError:
                         pass
                     except OSError:
@@ -976,6 +979,13 @@ def test_slow_head_flood_does_not_starve_others(make_router: MakeRouter) -> None
                 sock.close()
         assert all(cut[i] - first_byte[i] >= 0.9 for i in cut)
         assert len(up.seen) == 20
+        # Each slow client was told why before the close (a client that had
+        # not sent a byte yet would just be closed).
+        for i in range(slow_count):
+            status, _, body = said.get(i, b"").partition(b"\r\n\r\n")
+            assert status.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), said.get(i)
+            assert b"Connection: close" in status
+            assert json.loads(body)["code"] == "REQUEST_TIMEOUT"
 
 
 MALFORMED = {
