@@ -28,7 +28,7 @@ import ipaddress
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,11 +191,14 @@ class RouteTable:
         self.default_hostname = default_hostname or self.domains[0]
         self.reserved_ports = reserved_ports
         self.version = 0
-        self.routes: dict[tuple[str, int], Route] = {}
-        self.by_label: dict[str, Route] = {}
-        # Per-sandbox view of ``routes``: token checks and listings touch
-        # one sandbox's ports, never the whole table.
+        # Every route, by sandbox then port: token checks and listings
+        # touch one sandbox's ports, never the whole table.  This is the
+        # only map of routes kept here; which route holds a label is asked
+        # of the forwarding index, which has every label already (a second
+        # label → route dict was a sixth of the table's memory and of its
+        # load time at a million routes).
         self.by_sandbox: dict[str, dict[int, Route]] = {}
+        self.routes = RoutesView(self.by_sandbox)
         self.sandboxes: dict[str, Sandbox] = {}
         self.next_route_id = 1
         # Recent watch messages, for watchers that resume with ``since``.
@@ -226,24 +229,20 @@ class RouteTable:
         for sb in sandboxes:
             self.sandboxes[sb.name] = sb
             forwarding.put_sandbox(sb)
-        routes = self.routes
-        by_label = self.by_label
         by_sandbox = self.by_sandbox
         index_set = forwarding.index.set
         sandbox_slots = forwarding.sandbox_slots
-        top = 0
+        top = count = 0
         for route in routes_in:
             sandbox = route.sandbox
             port = route.port
-            label = f"{port}-{sandbox}-{route.token}"
-            routes[(sandbox, port)] = route
-            by_label[label] = route
             ports = by_sandbox.get(sandbox)
             if ports is None:
                 ports = by_sandbox[sandbox] = {}
             ports[port] = route
+            count += 1
             index_set(
-                label.encode(),
+                f"{port}-{sandbox}-{route.token}".encode(),
                 route.route_id,
                 sandbox_slots[sandbox],
                 port,
@@ -253,6 +252,7 @@ class RouteTable:
             if route.route_id > top:
                 top = route.route_id
         forwarding.index.compact()
+        self.routes.count += count
         self.next_route_id = top + 1
         self.version = version
 
@@ -325,7 +325,11 @@ class RouteTable:
     def snapshot(self) -> dict[str, Any]:
         return {
             "version": self.version,
-            "routes": [r.to_record() for _, r in sorted(self.routes.items())],
+            "routes": [
+                ports[port].to_record()
+                for name, ports in sorted(self.by_sandbox.items())
+                for port in sorted(ports)
+            ],
             "sandboxes": [s.to_record() for _, s in sorted(self.sandboxes.items())],
         }
 
@@ -368,7 +372,7 @@ class RouteTable:
                 "INVALID_HOST_POLICY",
                 f"Host policy must be 'rewrite' or 'preserve', not {host!r}",
             )
-        current = self.routes.get((sandbox, port))
+        current = self.route(sandbox, port)
 
         # 2. Token: the given one, else the port's current one, else new.
         if token is None:
@@ -379,12 +383,12 @@ class RouteTable:
             raise RouteError(
                 "TOKEN_IN_USE", f"Token '{token}' is already in use by port {clash}"
             )
-        holder = self.by_label.get(label)
-        if holder is not None and (holder.sandbox, holder.port) != (sandbox, port):
+        holder = self.label_holder(label)
+        if holder is not None and holder != (sandbox, port):
             raise RouteError(
                 "LABEL_CONFLICT",
                 f"Label '{label}' is already the label of sandbox "
-                f"'{holder.sandbox}' port {holder.port}; choose another token",
+                f"'{holder[0]}' port {holder[1]}; choose another token",
             )
 
         # 3. Same token: idempotent, or an update of name/target/host.
@@ -428,7 +432,7 @@ class RouteTable:
     ) -> dict[str, Any]:
         sandbox = grammar.check_sandbox(sandbox)
         port = grammar.check_port(port, frozenset())
-        current = self.routes.get((sandbox, port))
+        current = self.route(sandbox, port)
         if current is not None:
             self._change(txn, self._del_record(current))
         return {"port": port, "unexposed": current is not None}
@@ -491,11 +495,25 @@ class RouteTable:
             port = grammar.check_port(port, frozenset())
         except RouteError:
             return False
-        route = self.routes.get((sandbox, port))
+        route = self.route(sandbox, port)
         expected = route.token if route is not None else "\0" * grammar.MAX_TOKEN
         given = token if isinstance(token, str) else ""
         match = hmac.compare_digest(expected.encode(), given.encode())
         return match and route is not None
+
+    def route(self, sandbox: str, port: int) -> Route | None:
+        ports = self.by_sandbox.get(sandbox)
+        return ports.get(port) if ports else None
+
+    def label_holder(self, label: str) -> tuple[str, int] | None:
+        """(sandbox, port) of the route whose label is ``label``."""
+        forwarding = self.forwarding
+        hit = forwarding.index.lookup(label.encode())
+        if hit is None:
+            return None
+        name = forwarding.sandbox_names[hit[1]]
+        assert name is not None
+        return name, hit[2]
 
     def sandbox_routes(self, sandbox: str) -> list[Route]:
         """The sandbox's routes, sorted by port."""
@@ -528,7 +546,10 @@ class RouteTable:
         while True:
             token = grammar.generate_token()
             label = grammar.make_label(port, sandbox, token)
-            if label not in self.by_label and self._token_owner(sandbox, token) is None:
+            if (
+                self.label_holder(label) is None
+                and self._token_owner(sandbox, token) is None
+            ):
                 return token
 
     def _del_record(self, route: Route) -> Record:
@@ -549,7 +570,7 @@ class RouteTable:
         op = rec["op"]
         if op == "put_route":
             r = rec["route"]
-            old = self.routes.get((r["sandbox"], r["port"]))
+            old = self.route(r["sandbox"], r["port"])
             if old is None:
                 return {
                     "op": "del_route",
@@ -560,7 +581,7 @@ class RouteTable:
                 }
             return {"op": "put_route", "route": old.to_record()}
         if op == "del_route":
-            old = self.routes[(rec["sandbox"], rec["port"])]
+            old = self.by_sandbox[rec["sandbox"]][rec["port"]]
             return {"op": "put_route", "route": old.to_record()}
         if op == "put_sandbox":
             name = rec["sandbox"]["name"]
@@ -581,23 +602,19 @@ class RouteTable:
         forwarding = self.forwarding
         if op == "put_route":
             route = Route.from_record(rec["route"])
-            key = (route.sandbox, route.port)
-            old = self.routes.get(key)
-            if old is not None:
-                self.by_label.pop(old.label, None)
-            self.routes[key] = route
-            self.by_label[route.label] = route
-            self.by_sandbox.setdefault(route.sandbox, {})[route.port] = route
+            ports = self.by_sandbox.setdefault(route.sandbox, {})
+            if route.port not in ports:
+                self.routes.count += 1
+            ports[route.port] = route
             if route.route_id >= self.next_route_id:
                 self.next_route_id = route.route_id + 1
             forwarding.put_route(route)
         elif op == "del_route":
-            old = self.routes.pop((rec["sandbox"], rec["port"]))
-            self.by_label.pop(old.label, None)
-            ports = self.by_sandbox[old.sandbox]
-            del ports[old.port]
+            ports = self.by_sandbox[rec["sandbox"]]
+            del ports[rec["port"]]
+            self.routes.count -= 1
             if not ports:
-                del self.by_sandbox[old.sandbox]
+                del self.by_sandbox[rec["sandbox"]]
             forwarding.del_route(rec["label"])
         elif op == "put_sandbox":
             sb = rec["sandbox"]
@@ -607,6 +624,27 @@ class RouteTable:
         else:
             del self.sandboxes[rec["name"]]
             forwarding.del_sandbox(rec["name"])
+
+
+class RoutesView(Mapping[tuple[str, int], Route]):
+    """Every route by ``(sandbox, port)``, read-only, over ``by_sandbox``."""
+
+    __slots__ = ("by_sandbox", "count")
+
+    def __init__(self, by_sandbox: dict[str, dict[int, Route]]) -> None:
+        self.by_sandbox = by_sandbox
+        self.count = 0  # kept by RouteTable, which makes every change
+
+    def __getitem__(self, key: tuple[str, int]) -> Route:
+        return self.by_sandbox[key[0]][key[1]]
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        for name, ports in self.by_sandbox.items():
+            for port in ports:
+                yield name, port
+
+    def __len__(self) -> int:
+        return self.count
 
 
 @dataclass(slots=True)

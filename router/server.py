@@ -20,7 +20,7 @@ from typing import Any
 
 from . import __version__, speedups
 from .admin import AdminConnection
-from .app import Router
+from .app import Router, tune_gc
 from .config import Config
 from .control import stats as control_stats
 from .demo import DEMO_SANDBOX, DEMO_TOKEN, start_demo
@@ -262,6 +262,7 @@ async def _main(config: Config) -> int:
 
 def serve(config: Config) -> int:
     setup_logging(config.log_level)
+    tune_gc()
     if speedups.FALLBACK_REASON:
         log.warning(
             "compiled hot path unavailable (%s); using pure-Python twins",

@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from . import speedups
+from .app import tune_gc
 from .config import Config
 from .routes import ForwardingTable
 
@@ -226,6 +227,7 @@ def main() -> int:
         format=f"%(asctime)s %(levelname)s %(name)s[w{os.getpid()}]: %(message)s",
         stream=sys.stderr,
     )
+    tune_gc()
     try:
         import uvloop
     except ImportError:

@@ -726,11 +726,11 @@ def test_replayed_changes_rebuild_the_forwarding_table(
     assert _resolved(fresh) == _resolved(table.forwarding)
     assert _views(fresh) == _views(table.forwarding)
 
-    # The table's own indexes agree with its routes.
-    assert {r.label: r for r in table.routes.values()} == table.by_label
-    assert {
-        (sb, port): r
-        for sb, ports in table.by_sandbox.items()
-        for port, r in ports.items()
-    } == table.routes
+    # The table's own indexes agree with its routes: every route's label
+    # leads back to it, and no label is left over.
+    routes = dict(table.routes.items())
+    assert len(routes) == len(table.routes) == len(table.forwarding.index)
+    for key, route in routes.items():
+        assert (route.sandbox, route.port) == key
+        assert table.label_holder(route.label) == key
     assert {r.sandbox for r in table.routes.values()} <= set(table.sandboxes)
