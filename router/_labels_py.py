@@ -105,6 +105,16 @@ class LabelIndex:
     def lookup(self, label: bytes) -> Value | None:
         return self._map.get(label)
 
+    def reserve(self, count: int) -> None:
+        """Make room for ``count`` labels in all before a bulk load.
+
+        The compiled twin sizes its arrays once instead of growing (and
+        rehashing) them many times; a dict sizes itself, so this is only
+        the argument check.
+        """
+        if count < 0:
+            raise ValueError("count must be >= 0")
+
     def compact(self) -> None:
         """Give back spare room after a bulk load (a dict has none to give)."""
 

@@ -28,7 +28,7 @@ import ipaddress
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,6 +230,8 @@ class RouteTable:
             self.sandboxes[sb.name] = sb
             forwarding.put_sandbox(sb)
         by_sandbox = self.by_sandbox
+        if isinstance(routes_in, Sized):
+            forwarding.index.reserve(len(forwarding.index) + len(routes_in))
         index_set = forwarding.index.set
         sandbox_slots = forwarding.sandbox_slots
         top = count = 0
@@ -804,6 +806,7 @@ class ForwardingTable:
         self._empty()
         for sb in snap["sandboxes"]:
             self.put_sandbox(Sandbox(sb["name"], sb["upstream_host"], sb["state"]))
+        self.index.reserve(len(snap["routes"]))
         for r in snap["routes"]:
             self.put_route(Route.from_record(r))
         self.index.compact()

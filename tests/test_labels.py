@@ -177,6 +177,29 @@ def test_index_set_lookup_remove(twin: ModuleType) -> None:
     assert len(index) == 0
 
 
+def test_index_reserve_sizes_once_and_keeps_what_is_there(twin: ModuleType) -> None:
+    index = twin.LabelIndex()
+    index.set(b"1-sb-tok", 1, 1, 8000, 0, 0)
+    index.reserve(5000)
+    room = index.memory_bytes()
+    for i in range(2, 5001):
+        index.set(b"%d-sb-tok" % i, i, 1, 8000, 0, 0)
+    if twin.__name__ == "router._clabels":
+        # Its arrays were sized up front: no growth since.
+        assert index.memory_bytes() == room
+    assert len(index) == 5000
+    assert all(
+        index.lookup(b"%d-sb-tok" % i) == (i, 1, 8000, 0, 0) for i in range(1, 5001)
+    )
+
+    # Less than is there already is no shrink, and nothing is lost.
+    index.reserve(10)
+    index.reserve(0)
+    assert len(index) == 5000 and index.lookup(b"1-sb-tok") == (1, 1, 8000, 0, 0)
+    with pytest.raises(ValueError):
+        index.reserve(-1)
+
+
 def test_index_compact_keeps_every_route_and_can_grow_again(
     twin: ModuleType,
 ) -> None:

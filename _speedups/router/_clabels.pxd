@@ -27,6 +27,7 @@ cdef class LabelIndex:
 
     cdef uint32_t _hash(self, const char *data, Py_ssize_t n) noexcept nogil
     cdef Py_ssize_t _find_slot(self, const char *data, Py_ssize_t n) noexcept nogil
-    cdef int _grow_slots(self) except -1
+    cdef int _grow_slots(self, uint64_t size) except -1
     cdef int _grow_entries(self) except -1
+    cdef int _resize_entries(self, uint32_t size) except -1
     cpdef object lookup(self, bytes label)

