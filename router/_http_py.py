@@ -594,10 +594,18 @@ def parse_request(buf: bytes, max_head: int) -> RequestHead | None:
         keep_alive = keep_alive and not fields.transfer_encoding
 
     # 7. Upgrade, RFC 9110 §7.8: only when Connection lists it, and never
-    #    for HTTP/1.0, where the server must ignore it.
+    #    for HTTP/1.0, where the server must ignore it.  Only WebSocket is
+    #    tunnelled (SPEC §5): a tunnel ends with WebSocket close frames, so
+    #    another protocol (h2c, TLS/1.2) goes upstream as an ordinary
+    #    request without its Upgrade, which §7.8 lets a recipient ignore.
     upgrade = None
-    if fields.connection_upgrade and version == 11 and fields.upgrade_value:
-        upgrade = fields.upgrade_value.lower()
+    if (
+        fields.connection_upgrade
+        and version == 11
+        and fields.upgrade_value
+        and fields.upgrade_value.lower() == b"websocket"
+    ):
+        upgrade = b"websocket"
 
     head = RequestHead.__new__(RequestHead)
     head._method = method

@@ -835,6 +835,10 @@ def test_http10_chunked_closes(http: ModuleType) -> None:
         ("Connection: Upgrade|", None),
         ("Connection: Upgrade|Upgrade:|", None),
         ("Connection: Upgraded|Upgrade: websocket|", None),
+        # Only WebSocket is tunnelled; other protocols go as plain requests.
+        ("Connection: Upgrade, HTTP2-Settings|Upgrade: h2c|", None),
+        ("Connection: Upgrade|Upgrade: TLS/1.2|", None),
+        ("Connection: Upgrade|Upgrade: websocket, h2c|", None),
     ],
 )
 def test_request_upgrade(http: ModuleType, lines: str, upgrade: bytes | None) -> None:

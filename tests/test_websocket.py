@@ -229,6 +229,59 @@ def test_101_with_wrong_accept_key_is_502(router: RouterThread) -> None:
     assert b"UPSTREAM_BAD_RESPONSE" in info.value.response.body
 
 
+H2C_REQUEST = (
+    "GET /h2 HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+    "Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+)
+
+
+def test_an_upgrade_to_another_protocol_goes_as_a_plain_request(
+    router: RouterThread,
+) -> None:
+    """Only WebSocket is tunnelled: h2c reaches the upstream without its
+    Upgrade, and the client gets the upstream's ordinary answer."""
+    heads: list[bytes] = []
+
+    def plain(sock: socket.socket) -> None:
+        head, _ = read_head(sock)
+        heads.append(head)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nh1")
+
+    with RawUpstream(plain) as up:
+        host = public_host(router, up.port)
+        with socket.create_connection(("127.0.0.1", router.port), TIMEOUT) as sock:
+            sock.sendall(H2C_REQUEST.format(host=host).encode())
+            head, rest = read_head(sock)
+            while len(rest) < 2:
+                rest += sock.recv(100)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert rest == b"h1"
+    assert header(heads[0], b"upgrade") is None
+    assert b"upgrade" not in (header(heads[0], b"connection") or b"").lower()
+    # HTTP2-Settings was listed in Connection: hop-by-hop, so dropped too.
+    assert header(heads[0], b"http2-settings") is None
+
+
+def test_a_101_to_another_protocol_is_502(router: RouterThread) -> None:
+    def switch_anyway(sock: socket.socket) -> None:
+        read_head(sock)
+        sock.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+            b"Upgrade: h2c\r\n\r\n"
+        )
+        assert sock.recv(1) == b""
+
+    with RawUpstream(switch_anyway) as up:
+        host = public_host(router, up.port)
+        with socket.create_connection(("127.0.0.1", router.port), TIMEOUT) as sock:
+            sock.sendall(H2C_REQUEST.format(host=host).encode())
+            head, body = read_head(sock)
+            while len(body) < int(header(head, b"content-length") or 0):
+                body += sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 502 ")
+    assert json.loads(body)["code"] == "UPSTREAM_BAD_RESPONSE"
+
+
 def test_frames_on_either_side_of_the_101_are_relayed(router: RouterThread) -> None:
     """A frame in the same read as the 101, and one the client sends before
     the 101 arrives: both go through, in order."""

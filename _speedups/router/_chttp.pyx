@@ -750,10 +750,18 @@ cdef object _parse_request(
         )
 
     # 7. Upgrade, RFC 9110 §7.8: only when Connection lists it, and never
-    #    for HTTP/1.0, where the server must ignore it.
+    #    for HTTP/1.0, where the server must ignore it.  Only WebSocket is
+    #    tunnelled (SPEC §5): a tunnel ends with WebSocket close frames, so
+    #    another protocol (h2c, TLS/1.2) goes upstream as an ordinary
+    #    request without its Upgrade, which §7.8 lets a recipient ignore.
     upgrade = None
-    if fields.connection_upgrade and version == 11 and fields.upgrade_value:
-        upgrade = fields.upgrade_value.lower()
+    if (
+        fields.connection_upgrade
+        and version == 11
+        and fields.upgrade_value
+        and fields.upgrade_value.lower() == b"websocket"
+    ):
+        upgrade = b"websocket"
 
     head = RequestHead.__new__(RequestHead)
     head.method = _method(buf, first)
