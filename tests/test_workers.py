@@ -17,7 +17,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import free_port, upstream
@@ -31,31 +33,36 @@ ROOT = Path(__file__).resolve().parent.parent
 def cluster(tmp_path: Path) -> Iterator[tuple[int, int, str, int]]:
     port, admin = free_port(), free_port()
     control = str(tmp_path / "control.sock")
-    with subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "router",
-            "serve",
-            "--workers",
-            "2",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--admin",
-            f"127.0.0.1:{admin}",
-            "--control",
-            control,
-            "--no-access-log",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as proc:
+    # The log goes to a file: a pipe that nobody reads fills up under a
+    # stream of route changes (one INFO line each) and stalls the router.
+    log = tmp_path / "router.log"
+    with (
+        log.open("w") as sink,
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "router",
+                "serve",
+                "--workers",
+                "2",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--admin",
+                f"127.0.0.1:{admin}",
+                "--control",
+                control,
+                "--no-access-log",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        ) as proc,
+    ):
         try:
             deadline = time.monotonic() + 20
             while not os.path.exists(control):
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert proc.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, "router did not start"
                 time.sleep(0.05)
             yield port, admin, control, proc.pid
@@ -150,3 +157,86 @@ def test_a_dead_worker_is_replaced_from_the_current_table(
         for exposed in (first, second):
             host = exposed.url.split("//", 1)[1].split("/", 1)[0]
             assert [fetch(port, host) for _ in range(20)] == [200] * 20
+
+
+def wrk(port: int, host: str, seconds: int, connections: int = 8) -> dict[str, int]:
+    """Run wrk on one URL; its totals, from the report it prints."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "-H",
+            f"Host: {host}",
+            f"http://127.0.0.1:{port}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=True,
+    ).stdout
+    totals = {"requests": 0, "non_2xx": 0, "socket_errors": 0}
+    for line in out.splitlines():
+        words = line.split()
+        if "requests in" in line:
+            totals["requests"] = int(words[0])
+        elif line.strip().startswith("Non-2xx or 3xx responses:"):
+            totals["non_2xx"] = int(words[-1])
+        elif line.strip().startswith("Socket errors:"):
+            totals["socket_errors"] = sum(
+                int(w.rstrip(",")) for w in words if w.rstrip(",").isdigit()
+            )
+    assert totals["requests"], out
+    return totals
+
+
+def test_route_changes_under_load_drop_no_request(
+    cluster: tuple[int, int, str, int],
+) -> None:
+    """wrk on one URL while other routes churn through the control socket
+    (exposes, rotations, batches, stops, destroys): every request of the
+    steady URL is answered 200, by both processes, and the churned routes
+    end up exactly as the last change left them."""
+    port, _, control, _ = cluster
+    with upstream() as up, ControlClient(control) as ctl:
+        steady = ctl.expose_port("sb", up.port, token="steady")
+        host = steady.url.split("//", 1)[1].split("/", 1)[0]
+        with ThreadPoolExecutor(1) as pool:
+            load = pool.submit(wrk, port, host, 3)
+            changes = 0
+            last_token = ""
+            i = 0
+            while not load.done():
+                box = f"churn-{i % 7}"
+                # A rotation on the steady sandbox's other port, a batch on
+                # another sandbox, a stop and start, a destroy now and then.
+                last_token = f"r{i}"
+                ctl.expose_port("sb", 9000, token=last_token)
+                ops: list[dict[str, Any]] = [
+                    {"op": "expose_port", "sandbox": box, "port": 8000 + k}
+                    for k in range(10)
+                ]
+                ops += [
+                    {"op": "unexpose_port", "sandbox": box, "port": 8000 + k}
+                    for k in range(0, 10, 2)
+                ]
+                ctl.batch(ops)
+                ctl.set_sandbox(box, state="stopped")
+                ctl.set_sandbox(box, state="running")
+                changes += 4
+                if i % 5 == 4:
+                    ctl.destroy_sandbox(box)
+                    changes += 1
+                i += 1
+            totals = load.result()
+        assert changes > 20
+        assert totals["requests"] > 500, totals
+        assert totals["non_2xx"] == 0, totals
+        assert totals["socket_errors"] == 0, totals
+
+        # The churned routes are as the last changes left them.
+        assert fetch(port, host) == 200
+        rotated = f"9000-sb-{last_token}.localhost"
+        assert [fetch(port, rotated) for _ in range(10)] != [404] * 10
+        assert [fetch(port, "9000-sb-r0.localhost") for _ in range(10)] == [404] * 10
