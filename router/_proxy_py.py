@@ -827,7 +827,13 @@ class ClientConnection:
         """Answer the current request ourselves, then carry on or close."""
         head = self.head
         self.status = answers.status_of(code)
-        is_head = head is not None and head.method == b"HEAD"
+        if head is not None:
+            is_head = head.method == b"HEAD"
+        else:
+            # No parsed head (a timeout or a malformed one), but the
+            # request line may say HEAD: its answer has no body either
+            # (RFC 9110 §9.3.2).
+            is_head = self.buf.startswith(b"HEAD ")
         if head is not None and head.framing != BODY_NONE:
             # We will not read the body it announced: the stream cannot be
             # resynchronised, so this is the last answer on the connection.

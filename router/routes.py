@@ -638,7 +638,12 @@ class RoutesView(Mapping[tuple[str, int], Route]):
         self.count = 0  # kept by RouteTable, which makes every change
 
     def __getitem__(self, key: tuple[str, int]) -> Route:
-        return self.by_sandbox[key[0]][key[1]]
+        try:
+            sandbox, port = key
+        except (TypeError, ValueError):
+            # Not a (sandbox, port) pair: absent, as from a dict.
+            raise KeyError(key) from None
+        return self.by_sandbox[sandbox][port]
 
     def __iter__(self) -> Iterator[tuple[str, int]]:
         for name, ports in self.by_sandbox.items():

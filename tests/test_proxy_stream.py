@@ -33,6 +33,7 @@ from harness import (
     ScriptedUpstream,
     Wire,
     answer_with,
+    raw_request,
     request_bytes,
     router_factory,
     upstream,
@@ -986,6 +987,31 @@ def test_slow_head_flood_does_not_starve_others(make_router: MakeRouter) -> None
             assert status.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), said.get(i)
             assert b"Connection: close" in status
             assert json.loads(body)["code"] == "REQUEST_TIMEOUT"
+
+
+def test_unfinished_head_gets_408_and_a_head_request_no_body(
+    make_router: MakeRouter,
+) -> None:
+    router = make_router(head_timeout=1.0)
+    with upstream() as up:
+        host = router.host(router.expose("sb", up.port))
+        answers = {}
+        for method in ("GET", "HEAD"):
+            partial = f"{method} / HTTP/1.1\r\nHost: {host}\r\nX-Half: "
+            answers[method] = raw_request(router.port, partial.encode(), timeout=8)
+    for method, data in answers.items():
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), data
+        assert b"\r\nConnection: close" in head
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        if method == "GET":
+            assert json.loads(body)["code"] == "REQUEST_TIMEOUT"
+            assert len(body) == length
+        else:
+            # RFC 9110 §9.3.2: the same head, no body.
+            assert body == b""
+            assert length > 0
+    assert up.seen == []
 
 
 MALFORMED = {

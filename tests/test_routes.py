@@ -101,6 +101,10 @@ def test_expose_sandbox_id_normalised(table: RouteTable) -> None:
     assert result["url"] == "https://8080-my-sandbox-tok.example.com/"
     assert ("my-sandbox", 8080) in table.routes
     assert resolve(table, b"8080-My-Sandbox-tok.Example.com")
+    # ``routes`` answers like a dict for keys that are not (sandbox, port).
+    assert ("My-SandBox", 8080) not in table.routes
+    assert "my-sandbox" not in table.routes
+    assert table.routes.get(("my-sandbox",)) is None
 
 
 @pytest.mark.parametrize(
