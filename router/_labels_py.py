@@ -10,6 +10,7 @@ imported: this module sits on the bottom floor.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 MAX_LABEL = 63
 _U16 = 0xFFFF
@@ -97,6 +98,35 @@ class LabelIndex:
         if not (0 <= port <= _U16 and 0 <= flags <= _U16):
             raise ValueError("port or flags out of range")
         self._map[bytes(label)] = (route_id, sandbox_slot, port, target_slot, flags)
+
+    def load_rows(
+        self,
+        rows: list[tuple[str, int, str, int, str | None, int]],
+        sandbox_slots: dict[str, int],
+        target_slot: Callable[[str], int],
+    ) -> int:
+        """Insert stored routes in bulk; the highest route_id among them.
+
+        Each row is ``(sandbox, port, token, route_id, target, flags)``, as
+        the store reads them; the label is ``{port}-{sandbox}-{token}`` and
+        the sandbox slot comes from ``sandbox_slots``.  ``target_slot`` is
+        called for a row with a target to get its slot.
+        """
+        top = 0
+        for sandbox, port, token, route_id, target, flags in rows:
+            if not 0 <= port <= _U16:
+                raise ValueError("port or flags out of range")
+            self.set(
+                f"{port}-{sandbox}-{token}".encode(),
+                route_id,
+                sandbox_slots[sandbox],
+                port,
+                0 if target is None else target_slot(target),
+                flags,
+            )
+            if route_id > top:
+                top = route_id
+        return top
 
     def remove(self, label: bytes) -> bool:
         """Drop ``label``; False when it was not there."""

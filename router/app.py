@@ -40,16 +40,17 @@ def tune_gc() -> None:
 def load_table(store: Store, table: RouteTable) -> None:
     """Fill an empty ``table`` from ``store``; raise ``StoreError``.
 
-    A large store is millions of objects made at once and kept for the life
-    of the process: collecting while they are made only costs time, and
-    freezing them afterwards keeps every later collection from walking them
-    again.
+    The forwarding index is built whole, so every URL is served at once;
+    each sandbox's route metadata stays in the store until an operation
+    needs it (``RouteTable.load_index``).  The rows are millions of objects
+    made at once: collecting while they are made only costs time, and
+    freezing what is kept keeps every later collection from walking it.
     """
     gc.disable()
     try:
-        version, sandboxes, routes = store.load()
-        table.load(version, sandboxes, routes)
-        del routes
+        version, sandboxes, rows = store.load_index()
+        table.load_index(version, sandboxes, rows, store)
+        del rows
     finally:
         gc.enable()
     gc.freeze()

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from . import grammar
 from .errors import RouteError
@@ -198,7 +198,11 @@ class RouteTable:
         # label → route dict was a sixth of the table's memory and of its
         # load time at a million routes).
         self.by_sandbox: dict[str, dict[int, Route]] = {}
-        self.routes = RoutesView(self.by_sandbox)
+        # Sandboxes whose routes are still only in the store (``load_index``
+        # leaves them there), and where to read them from: see ``_ports``.
+        self.unloaded: set[str] = set()
+        self.source: RouteSource | None = None
+        self.routes = RoutesView(self)
         self.sandboxes: dict[str, Sandbox] = {}
         self.next_route_id = 1
         # Recent watch messages, for watchers that resume with ``since``.
@@ -257,6 +261,66 @@ class RouteTable:
         self.routes.count += count
         self.next_route_id = top + 1
         self.version = version
+
+    def load_index(
+        self,
+        version: int,
+        sandboxes: Iterable[Sandbox],
+        rows: list[tuple[Any, ...]],
+        source: RouteSource,
+    ) -> None:
+        """Fill an empty table for serving; leave route metadata in ``source``.
+
+        ``rows`` are ``RouteSource.load_index`` rows: enough for the
+        forwarding index, so every URL is served at once.  A sandbox's
+        routes with their names and exposure times are read from
+        ``source`` the first time an operation touches that sandbox (one
+        indexed query), or all at once for a whole-table answer such as
+        ``snapshot``.  At a million routes this halved start-up and left
+        the memory of the routes nobody asked about in the store.
+        """
+        assert not self.sandboxes and not self.routes.count, "load an empty table"
+        forwarding = self.forwarding
+        for sb in sandboxes:
+            self.sandboxes[sb.name] = sb
+            forwarding.put_sandbox(sb)
+        # The store hands out the flag itself (1: preserve the Host).
+        assert FLAG_PRESERVE_HOST == 1
+        top = forwarding.index.load_rows(
+            rows, forwarding.sandbox_slots, forwarding._target_slot
+        )
+        forwarding.index.compact()
+        self.routes.count = len(rows)
+        self.unloaded.update(self.sandboxes)
+        self.source = source
+        self.next_route_id = top + 1
+        self.version = version
+
+    def _ports(self, sandbox: str) -> dict[int, Route] | None:
+        """The sandbox's routes by port, read from the store if need be.
+
+        Every read of ``by_sandbox`` goes through here.  A sandbox still in
+        the store has no change in flight (a change pages it in first), so
+        the store's committed rows are exactly its routes.
+        """
+        ports = self.by_sandbox.get(sandbox)
+        if ports is None and sandbox in self.unloaded:
+            self.unloaded.discard(sandbox)
+            assert self.source is not None
+            routes = self.source.routes_of(sandbox)
+            if routes:
+                ports = self.by_sandbox[sandbox] = {r.port: r for r in routes}
+        return ports
+
+    def page_in_all(self) -> None:
+        """Read every route still in the store (whole-table answers)."""
+        if not self.unloaded:
+            return
+        assert self.source is not None
+        for route in self.source.routes_of(None):
+            if route.sandbox in self.unloaded:
+                self.by_sandbox.setdefault(route.sandbox, {})[route.port] = route
+        self.unloaded.clear()
 
     # -- transactions ----------------------------------------------------
 
@@ -325,6 +389,7 @@ class RouteTable:
         return [m for m in self.log if m["version"] > since]
 
     def snapshot(self) -> dict[str, Any]:
+        self.page_in_all()
         return {
             "version": self.version,
             "routes": [
@@ -504,7 +569,7 @@ class RouteTable:
         return match and route is not None
 
     def route(self, sandbox: str, port: int) -> Route | None:
-        ports = self.by_sandbox.get(sandbox)
+        ports = self._ports(sandbox)
         return ports.get(port) if ports else None
 
     def label_holder(self, label: str) -> tuple[str, int] | None:
@@ -519,7 +584,7 @@ class RouteTable:
 
     def sandbox_routes(self, sandbox: str) -> list[Route]:
         """The sandbox's routes, sorted by port."""
-        ports = self.by_sandbox.get(sandbox, {})
+        ports = self._ports(sandbox) or {}
         return [ports[p] for p in sorted(ports)]
 
     # -- helpers ---------------------------------------------------------
@@ -539,7 +604,7 @@ class RouteTable:
         }
 
     def _token_owner(self, sandbox: str, token: str) -> int | None:
-        for port, route in self.by_sandbox.get(sandbox, {}).items():
+        for port, route in (self._ports(sandbox) or {}).items():
             if route.token == token:
                 return port
         return None
@@ -583,7 +648,8 @@ class RouteTable:
                 }
             return {"op": "put_route", "route": old.to_record()}
         if op == "del_route":
-            old = self.by_sandbox[rec["sandbox"]][rec["port"]]
+            old = self.route(rec["sandbox"], rec["port"])
+            assert old is not None
             return {"op": "put_route", "route": old.to_record()}
         if op == "put_sandbox":
             name = rec["sandbox"]["name"]
@@ -604,7 +670,9 @@ class RouteTable:
         forwarding = self.forwarding
         if op == "put_route":
             route = Route.from_record(rec["route"])
-            ports = self.by_sandbox.setdefault(route.sandbox, {})
+            ports = self._ports(route.sandbox)
+            if ports is None:
+                ports = self.by_sandbox[route.sandbox] = {}
             if route.port not in ports:
                 self.routes.count += 1
             ports[route.port] = route
@@ -612,7 +680,8 @@ class RouteTable:
                 self.next_route_id = route.route_id + 1
             forwarding.put_route(route)
         elif op == "del_route":
-            ports = self.by_sandbox[rec["sandbox"]]
+            ports = self._ports(rec["sandbox"])
+            assert ports is not None
             del ports[rec["port"]]
             self.routes.count -= 1
             if not ports:
@@ -628,13 +697,21 @@ class RouteTable:
             forwarding.del_sandbox(rec["name"])
 
 
+class RouteSource(Protocol):
+    """Where a table loaded with ``RouteTable.load_index`` reads its routes."""
+
+    def routes_of(self, sandbox: str | None) -> list[Route]:
+        """One sandbox's stored routes, or every stored route for None."""
+        ...
+
+
 class RoutesView(Mapping[tuple[str, int], Route]):
-    """Every route by ``(sandbox, port)``, read-only, over ``by_sandbox``."""
+    """Every route by ``(sandbox, port)``, read-only, over the table's."""
 
-    __slots__ = ("by_sandbox", "count")
+    __slots__ = ("count", "table")
 
-    def __init__(self, by_sandbox: dict[str, dict[int, Route]]) -> None:
-        self.by_sandbox = by_sandbox
+    def __init__(self, table: RouteTable) -> None:
+        self.table = table
         self.count = 0  # kept by RouteTable, which makes every change
 
     def __getitem__(self, key: tuple[str, int]) -> Route:
@@ -643,10 +720,14 @@ class RoutesView(Mapping[tuple[str, int], Route]):
         except (TypeError, ValueError):
             # Not a (sandbox, port) pair: absent, as from a dict.
             raise KeyError(key) from None
-        return self.by_sandbox[sandbox][port]
+        route = self.table.route(sandbox, port)
+        if route is None:
+            raise KeyError(key)
+        return route
 
     def __iter__(self) -> Iterator[tuple[str, int]]:
-        for name, ports in self.by_sandbox.items():
+        self.table.page_in_all()
+        for name, ports in self.table.by_sandbox.items():
             for port in ports:
                 yield name, port
 

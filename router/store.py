@@ -49,6 +49,16 @@ class Store:
     def __init__(self, path: str, synchronous: str = "FULL") -> None:
         self.path = path
         self._db = self._open(path, synchronous)
+        # Reads made while the router runs (a sandbox's routes, fetched the
+        # first time it is touched) use a connection of their own: the
+        # writer commits from another thread, and a reader beside it sees
+        # only committed rows (WAL), never half of a write.
+        try:
+            self._reader = sqlite3.connect(path, check_same_thread=False)
+            self._reader.execute("PRAGMA query_only=ON")
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StoreError(f"Route store {path} cannot be read: {exc}") from exc
 
     def _open(self, path: str, synchronous: str) -> sqlite3.Connection:
         if synchronous.upper() not in ("FULL", "NORMAL"):
@@ -107,17 +117,7 @@ class Store:
         ``PRAGMA quick_check`` doubled the start-up time of a large store).
         """
         try:
-            version = self._db.execute(
-                "SELECT value FROM meta WHERE key='version'"
-            ).fetchone()[0]
-            sandboxes = list(
-                itertools.starmap(
-                    Sandbox,
-                    self._db.execute(
-                        "SELECT name, upstream_host, state FROM sandboxes"
-                    ),
-                )
-            )
+            version, sandboxes = self._version_and_sandboxes()
             routes = list(
                 itertools.starmap(
                     Route,
@@ -130,6 +130,52 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"Route store {self.path} cannot be read: {exc}") from exc
         return version, sandboxes, routes
+
+    def load_index(self) -> tuple[int, list[Sandbox], list[tuple[Any, ...]]]:
+        """What serving needs: the version, sandboxes, and per route the
+        row ``(sandbox, port, token, route_id, target, flags)``.
+
+        ``flags`` is 1 for a route that preserves the Host header and 0 for
+        one that rewrites it (``routes.FLAG_PRESERVE_HOST``).  Names and
+        exposure times stay in the store until ``routes_of`` asks: reading
+        them for a million routes at start-up would double its time.
+        """
+        try:
+            version, sandboxes = self._version_and_sandboxes()
+            rows = self._db.execute(
+                "SELECT sandbox, port, token, route_id, target, host = 'preserve'"
+                " FROM routes"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"Route store {self.path} cannot be read: {exc}") from exc
+        return version, sandboxes, rows
+
+    def routes_of(self, sandbox: str | None) -> list[Route]:
+        """One sandbox's routes, or every route for ``None`` (committed ones)."""
+        query = (
+            "SELECT sandbox, port, token, name, exposed_at, target, host, route_id"
+            " FROM routes"
+        )
+        try:
+            if sandbox is None:
+                cursor = self._reader.execute(query)
+            else:
+                cursor = self._reader.execute(query + " WHERE sandbox = ?", (sandbox,))
+            return list(itertools.starmap(Route, cursor))
+        except sqlite3.Error as exc:
+            raise StoreError(f"Route store {self.path} cannot be read: {exc}") from exc
+
+    def _version_and_sandboxes(self) -> tuple[int, list[Sandbox]]:
+        version = self._db.execute(
+            "SELECT value FROM meta WHERE key='version'"
+        ).fetchone()[0]
+        sandboxes = list(
+            itertools.starmap(
+                Sandbox,
+                self._db.execute("SELECT name, upstream_host, state FROM sandboxes"),
+            )
+        )
+        return version, sandboxes
 
     def commit(self, txn: Transaction) -> None:
         """Write a transaction's records atomically; raise ``StoreError``."""
@@ -164,6 +210,7 @@ class Store:
             raise StoreError(f"Route store {self.path}: write failed: {exc}") from exc
 
     def close(self) -> None:
+        self._reader.close()
         self._db.close()
 
 

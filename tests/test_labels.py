@@ -200,6 +200,45 @@ def test_index_reserve_sizes_once_and_keeps_what_is_there(twin: ModuleType) -> N
         index.reserve(-1)
 
 
+def test_index_load_rows_is_set_for_each_row(twin: ModuleType) -> None:
+    rows = [
+        ("sb", 8080, "tok", 7, None, 1),
+        ("a-b", 0, "c", 3, "unix:/run/x.sock", 0),
+        ("a", 65535, "b-c", 12, None, 0),
+        ("x" * 40, 1, "y" * 16, 2, "127.0.0.1:9", 0),
+    ]
+    slots = {"sb": 1, "a-b": 2, "a": 3, "x" * 40: 4}
+    targets: list[str] = []
+
+    def target_slot(target: str) -> int:
+        targets.append(target)
+        return len(targets)
+
+    bulk = twin.LabelIndex()
+    bulk.set(b"1-old-one", 1, 9, 1, 0, 0)
+    assert bulk.load_rows(rows, slots, target_slot) == 12
+    assert targets == ["unix:/run/x.sock", "127.0.0.1:9"]
+
+    one_by_one = twin.LabelIndex()
+    one_by_one.set(b"1-old-one", 1, 9, 1, 0, 0)
+    for (sandbox, port, token, route_id, target, flags), t in zip(
+        rows, [0, 1, 0, 2], strict=True
+    ):
+        label = f"{port}-{sandbox}-{token}".encode()
+        one_by_one.set(label, route_id, slots[sandbox], port, t, flags)
+    assert bulk.items() == one_by_one.items()
+
+    # The checks of ``set`` hold for every row.
+    for bad, error in [
+        (("sb", 70000, "tok", 1, None, 0), ValueError),
+        (("sb", 8080, "t" * 60, 1, None, 0), ValueError),
+        (("sb", 8080, "tok", -1, None, 0), ValueError),
+        (("nobody", 8080, "tok", 1, None, 0), KeyError),
+    ]:
+        with pytest.raises(error):
+            twin.LabelIndex().load_rows([bad], slots, target_slot)
+
+
 def test_index_compact_keeps_every_route_and_can_grow_again(
     twin: ModuleType,
 ) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from router.app import load_table
 from router.errors import RouteError, StoreError
 from router.routes import RouteTable, Transaction
 from router.store import Store
@@ -26,11 +27,22 @@ DOMAINS = ("localhost",)
 
 
 def open_table(path: Path, synchronous: str = "FULL") -> tuple[Store, RouteTable]:
+    """A store and its table, loaded as the router loads them at start-up."""
     store = Store(str(path), synchronous)
     table = RouteTable(DOMAINS)
-    version, sandboxes, routes = store.load()
-    table.load(version, sandboxes, routes)
+    load_table(store, table)
     return store, table
+
+
+def eager_table(path: Path) -> RouteTable:
+    """The same store read whole into a table (``RouteTable.load``)."""
+    store = Store(str(path))
+    try:
+        table = RouteTable(DOMAINS)
+        table.load(*store.load())
+        return table
+    finally:
+        store.close()
 
 
 def commit(store: Store, table: RouteTable, ops: list[dict[str, Any]]) -> Transaction:
@@ -125,6 +137,66 @@ def test_committed_changes_survive_reopen(path: Path, synchronous: str) -> None:
         assert len(set(ids)) == len(ids)
     finally:
         again.close()
+
+
+def test_a_reopened_table_reads_each_sandbox_when_first_touched(path: Path) -> None:
+    store, table = open_table(path)
+    commit(
+        store,
+        table,
+        [
+            {"op": "expose_port", "sandbox": "a", "port": 8080, "token": "b-c"},
+            {"op": "expose_port", "sandbox": "a", "port": 8081, "name": "api"},
+            {"op": "expose_port", "sandbox": "b", "port": 8080, "token": "t3"},
+            {"op": "expose_port", "sandbox": "c", "port": 8080, "token": "sesame"},
+            {"op": "expose_port", "sandbox": "d", "port": 8080},
+            {"op": "expose_port", "sandbox": "d", "port": 8081},
+            {"op": "set_sandbox", "sandbox": "e"},
+        ],
+    )
+    listed = table.get_exposed_ports("a")
+    store.close()
+
+    store, table = open_table(path)
+    try:
+        # 1. Serving needs nothing from the store: every URL routes, and no
+        #    sandbox's routes were read yet.
+        assert table.unloaded == {"a", "b", "c", "d", "e"}
+        assert len(table.routes) == 6
+        assert routed(table) == routed(eager_table(path))
+        assert table.unloaded == {"a", "b", "c", "d", "e"}
+
+        # 2. Each operation reads the sandbox it touches, and only that one.
+        assert table.get_exposed_ports("a") == listed
+        assert table.unloaded == {"b", "c", "d", "e"}
+        with pytest.raises(RouteError) as info:
+            table.prepare(
+                [{"op": "expose_port", "sandbox": "b", "port": 8082, "token": "t3"}]
+            )
+        assert info.value.code == "TOKEN_IN_USE"
+        assert info.value.message == "Token 't3' is already in use by port 8080"
+        assert table.validate_port_token("c", 8080, "sesame")
+        assert not table.validate_port_token("c", 8080, "sesamE")
+        assert table.unloaded == {"d", "e"}
+
+        # 3. A label clash with a sandbox still in the store is found from
+        #    the index ("8080-a-b-c" is sandbox a's label).
+        with pytest.raises(RouteError) as info:
+            table.prepare(
+                [{"op": "expose_port", "sandbox": "a-b", "port": 8080, "token": "c"}]
+            )
+        assert info.value.code == "LABEL_CONFLICT"
+
+        # 4. Destroying an unread sandbox removes the routes it had.
+        txn = commit(store, table, [{"op": "destroy_sandbox", "sandbox": "d"}])
+        assert txn.results == [{"sandbox": "d", "destroyed": True, "routes": 2}]
+        assert len(table.routes) == 4
+        snapshot = table.snapshot()
+        assert table.unloaded == set()
+    finally:
+        store.close()
+    assert eager_table(path).snapshot() == snapshot
+    assert [r["sandbox"] for r in snapshot["routes"]] == ["a", "a", "b", "c"]
 
 
 def test_group_commit_stores_the_highest_version(path: Path) -> None:

@@ -10,6 +10,7 @@ fixed records; deleting one moves the last record into its place.
 import os
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
@@ -32,6 +33,21 @@ cdef inline bint _digits(const char *p, Py_ssize_t n) noexcept nogil:
         if not (b"0" <= p[i] <= b"9"):
             return False
     return True
+
+
+cdef inline Py_ssize_t _put_digits(char *out, long long value) noexcept nogil:
+    # ``value`` in 0..65535 (checked by the caller): its decimal digits.
+    cdef char tmp[8]
+    cdef Py_ssize_t n = 0, i
+    while True:
+        tmp[n] = c'0' + value % 10
+        n += 1
+        value //= 10
+        if value == 0:
+            break
+    for i in range(n):
+        out[i] = tmp[n - 1 - i]
+    return n
 
 
 cdef inline bint _same_lower(
@@ -236,8 +252,26 @@ cdef class LabelIndex:
         flags_obj,
     ):
         """Insert ``label`` or replace its value."""
-        cdef const char *p = PyBytes_AS_STRING(label)
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(label)
+        self._put(
+            PyBytes_AS_STRING(label),
+            PyBytes_GET_SIZE(label),
+            route_id_obj,
+            sandbox_slot_obj,
+            port_obj,
+            target_slot_obj,
+            flags_obj,
+        )
+
+    cdef int _put(
+        self,
+        const char *p,
+        Py_ssize_t n,
+        object route_id_obj,
+        object sandbox_slot_obj,
+        object port_obj,
+        object target_slot_obj,
+        object flags_obj,
+    ) except -1:
         cdef Py_ssize_t at
         cdef Entry *e
         cdef uint32_t h
@@ -285,6 +319,53 @@ cdef class LabelIndex:
         e.target_slot = target_slot
         e.port = port
         e.flags = flags
+        return 0
+
+    def load_rows(self, list rows not None, dict sandbox_slots not None, target_slot):
+        """Insert stored routes in bulk; the highest route_id among them.
+
+        Each row is ``(sandbox, port, token, route_id, target, flags)``, as
+        the store reads them; the label is ``{port}-{sandbox}-{token}`` and
+        the sandbox slot comes from ``sandbox_slots``.  ``target_slot`` is
+        called for a row with a target (rare) to get its slot.  The same
+        work as a Python loop over ``set``, without a Python call per row:
+        at a million routes that loop was a third of start-up.
+        """
+        cdef Py_ssize_t ls, lt, w
+        cdef const char *ps
+        cdef const char *pt
+        cdef char buf[MAX_LABEL + 8]
+        cdef object row, sandbox, token, target, route_id
+        cdef long long port
+        cdef object top = 0
+
+        self.reserve(self.count + len(rows))
+        for row in rows:
+            sandbox, port_obj, token, route_id, target, flags = row
+            port = port_obj
+            if not 0 <= port <= 0xFFFF:
+                raise ValueError("port or flags out of range")
+            ps = PyUnicode_AsUTF8AndSize(sandbox, &ls)
+            pt = PyUnicode_AsUTF8AndSize(token, &lt)
+            w = _put_digits(buf, port)
+            if w + 2 + ls + lt > MAX_LABEL:
+                raise ValueError("label must be 1-63 bytes")
+            buf[w] = b"-"
+            memcpy(buf + w + 1, ps, ls)
+            buf[w + 1 + ls] = b"-"
+            memcpy(buf + w + 2 + ls, pt, lt)
+            self._put(
+                buf,
+                w + 2 + ls + lt,
+                route_id,
+                sandbox_slots[sandbox],
+                port_obj,
+                0 if target is None else target_slot(target),
+                flags,
+            )
+            if route_id > top:
+                top = route_id
+        return top
 
     def remove(self, bytes label not None):
         """Drop ``label``; False when it was not there."""
