@@ -10,7 +10,7 @@ imported: this module sits on the bottom floor.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 MAX_LABEL = 63
 _U16 = 0xFFFF
@@ -150,6 +150,13 @@ class LabelIndex:
 
     def clear(self) -> None:
         self._map.clear()
+
+    def iter_items(self) -> Iterator[tuple[bytes, Value]]:
+        """Every entry, in storage order, one at a time.
+
+        The index must not change meanwhile.
+        """
+        yield from self._map.items()
 
     def items(self) -> list[tuple[bytes, Value]]:
         """Every entry, sorted by label (for tests and snapshots)."""

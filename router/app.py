@@ -209,7 +209,7 @@ class Router:
         await follower.stop()
         follower.stopping = False
         try:
-            await follower.start(self.table.snapshot())
+            await follower.start(self.table)
         except (OSError, TimeoutError, ConnectionError) as exc:
             log.error("worker %d could not restart: %r", follower.number, exc)
             await follower.stop()

@@ -377,8 +377,15 @@ class ControlServer:
         # delivered live, never both and never neither.
         since = request.args.get("since")
         async with self.router.lock:
+            try:
+                start = control.watch_start(self.router.table, since)
+            except StoreError as exc:
+                # The snapshot could not be read (a table still partly in
+                # its store): an answer, and no watch left registered.
+                log.warning("control client %s: watch failed: %s", peer, exc)
+                writer.write(control.encode(control.error(request.id, exc)))
+                return
             self._watches.add(watch)
-            start = control.watch_start(self.router.table, since)
         if since is not None and not start.resync:
             watch.version = since
         log.debug(

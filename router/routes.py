@@ -305,9 +305,12 @@ class RouteTable:
         """
         ports = self.by_sandbox.get(sandbox)
         if ports is None and sandbox in self.unloaded:
-            self.unloaded.discard(sandbox)
             assert self.source is not None
+            # Read first, mark read after: a read that fails (a busy or
+            # vanished file, no file descriptor left) raises StoreError and
+            # leaves the sandbox to be read again, not taken for empty.
             routes = self.source.routes_of(sandbox)
+            self.unloaded.discard(sandbox)
             if routes:
                 ports = self.by_sandbox[sandbox] = {r.port: r for r in routes}
         return ports
@@ -887,6 +890,60 @@ class ForwardingTable:
             self.targets[slot] = None
             self.target_names[slot] = None
             self._free_target_slots.append(slot)
+
+    # -- a worker's copy, streamed ----------------------------------------
+    #
+    # A worker process starts from this table alone (never from route names
+    # and exposure times, which the router may still have only in its store:
+    # ``RouteTable.load_index``): first the sandboxes and the route count,
+    # then the routes in chunks, so that neither side ever holds a million
+    # of them as Python objects at once.
+
+    def export_sandboxes(self) -> list[list[Any]]:
+        """Every sandbox as ``[name, upstream_host, stopped]``."""
+        names, hosts, stopped = (
+            self.sandbox_names,
+            self.sandbox_hosts,
+            self.sandbox_stopped,
+        )
+        return [
+            [names[slot], hosts[slot], bool(stopped[slot])]
+            for slot in range(1, len(names))
+            if names[slot] is not None
+        ]
+
+    def export_routes(self, size: int) -> Iterator[list[list[Any]]]:
+        """Every route as ``[label, route_id, sandbox, port, target, flags]``,
+        ``size`` at a time.  The table must not change until the end."""
+        names, targets = self.sandbox_names, self.target_names
+        chunk: list[list[Any]] = []
+        for label, (route_id, sb, port, t, flags) in self.index.iter_items():
+            chunk.append([label.decode(), route_id, names[sb], port, targets[t], flags])
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def import_sandboxes(self, sandboxes: list[list[Any]], routes: int) -> None:
+        """Start over from ``export_sandboxes``, with room for ``routes``."""
+        self._empty()
+        for name, host, stopped in sandboxes:
+            self.put_sandbox(Sandbox(name, host, "stopped" if stopped else "running"))
+        self.index.reserve(routes)
+
+    def import_routes(self, chunk: list[list[Any]]) -> None:
+        """One chunk of ``export_routes``."""
+        index, slots = self.index, self.sandbox_slots
+        for label, route_id, sandbox, port, target, flags in chunk:
+            index.set(
+                label.encode(),
+                route_id,
+                slots[sandbox],
+                port,
+                self._target_slot(target) if target else 0,
+                flags,
+            )
 
     def load_snapshot(self, snap: dict[str, Any]) -> None:
         self._empty()

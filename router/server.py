@@ -95,7 +95,7 @@ class Service:
         for number in range(1, config.workers):
             follower = Follower(number, config, self.public_port)
             follower.on_exit = self._replace_follower
-            await follower.start(router.table.snapshot())
+            await follower.start(router.table)
             router.watchers.add(follower.forward)
             router.followers.append(follower)
         if port == 0:

@@ -7,8 +7,11 @@ address itself with ``SO_REUSEPORT`` (the kernel spreads new connections
 over all of them) and holds only a ``ForwardingTable``, fed over a pipe with
 the same records the ``watch`` stream carries:
 
-* primary → follower, one JSON object per line on its stdin: first
-  ``{"snapshot": ...}``, then every change message ``{"version", "changes"}``;
+* primary → follower, one JSON object per line on its stdin: first the
+  forwarding table, as ``{"snapshot": {"version", "sandboxes", "routes": N}}``
+  then the N routes in lines of ``{"routes": [...]}``
+  (``ForwardingTable.export_routes``), then every change message
+  ``{"version", "changes"}``;
 * follower → primary, on its stdout: ``{"ready": v}`` once it serves, then
   ``{"ack": v}`` after each change message is applied.
 
@@ -34,11 +37,17 @@ import orjson
 from . import speedups
 from .app import tune_gc
 from .config import Config
-from .routes import ForwardingTable
+from .routes import ForwardingTable, RouteTable
 
 log = logging.getLogger("edge_router")
 
 ACK_TIMEOUT = 2.0
+# A new follower parses and loads the whole table before it is ready:
+# about 2 s a million routes on a slow core, so the wait grows with it.
+START_TIMEOUT = 10.0
+START_TIMEOUT_PER_ROUTE = 20e-6
+# Routes per line of a follower's starting table: about 1 MB of JSON.
+EXPORT_CHUNK = 10_000
 ENV_CONFIG = "EDGE_ROUTER_FOLLOWER"
 
 
@@ -62,7 +71,12 @@ class Follower:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
-    async def start(self, snapshot: dict[str, Any]) -> None:
+    async def start(self, table: RouteTable) -> None:
+        """Start the process and stream it ``table``; return once it serves.
+
+        The caller holds the router's lock: the table must not change until
+        every chunk is written (``ForwardingTable.export_routes``).
+        """
         settings = {
             "listen": f"{self.config.listen.rpartition(':')[0]}:{self.port}",
             "domain": self.config.domain,
@@ -95,12 +109,41 @@ class Follower:
             env=env,
         )
         self.acked = -1
-        self._send({"snapshot": snapshot})
         self._reader = asyncio.get_running_loop().create_task(
             self._read(), name=f"follower-{self.number}"
         )
-        await self.synced(snapshot["version"])
+        forwarding = table.forwarding
+        routes = len(forwarding.index)
+        wait = START_TIMEOUT + START_TIMEOUT_PER_ROUTE * routes
+        try:
+            await asyncio.wait_for(self._send_table(table), wait)
+            await self.synced(table.version, wait)
+        except TimeoutError:
+            raise TimeoutError(
+                f"worker {self.number} did not load the table "
+                f"({routes} routes) within {wait:.0f} s"
+            ) from None
         log.info("worker %d (pid %d) serving", self.number, self.proc.pid)
+
+    async def _send_table(self, table: RouteTable) -> None:
+        forwarding = table.forwarding
+        self._send(
+            {
+                "snapshot": {
+                    "version": table.version,
+                    "sandboxes": forwarding.export_sandboxes(),
+                    "routes": len(forwarding.index),
+                }
+            }
+        )
+        stdin = self.proc.stdin if self.proc is not None else None
+        for chunk in forwarding.export_routes(EXPORT_CHUNK):
+            self._send({"routes": chunk})
+            # A chunk at a time through the pipe, not the whole table
+            # buffered in this process.
+            if stdin is not None and not stdin.is_closing():
+                with contextlib.suppress(ConnectionError):
+                    await stdin.drain()
 
     def _send(self, message: dict[str, Any]) -> None:
         stdin = self.proc.stdin if self.proc is not None else None
@@ -143,13 +186,13 @@ class Follower:
             if self.on_exit is not None:
                 self.on_exit(self)
 
-    async def synced(self, version: int) -> None:
+    async def synced(self, version: int, timeout: float = ACK_TIMEOUT) -> None:
         """Wait until the follower has applied ``version``."""
         if self.acked >= version:
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((version, done))
-        await asyncio.wait_for(done, ACK_TIMEOUT)
+        await asyncio.wait_for(done, timeout)
 
     async def stop(self) -> None:
         self.stopping = True
@@ -186,14 +229,20 @@ async def _follow(config: Config) -> int:
     out = sys.stdout.buffer
 
     # 1. The whole table first: no request is served from an empty one.
-    first = orjson.loads(await reader.readline())
-    table.load_snapshot(first["snapshot"])
+    first = orjson.loads(await reader.readline())["snapshot"]
+    table.import_sandboxes(first["sandboxes"], first["routes"])
+    loaded = 0
+    while loaded < first["routes"]:
+        chunk = orjson.loads(await reader.readline())["routes"]
+        table.import_routes(chunk)
+        loaded += len(chunk)
+    table.index.compact()
     host, _, port = config.listen.rpartition(":")
     proxy.start()
     server = await loop.create_server(
         proxy.protocol, host.strip("[]"), int(port), reuse_port=True, backlog=2048
     )
-    out.write(orjson.dumps({"ready": first["snapshot"]["version"]}) + b"\n")
+    out.write(orjson.dumps({"ready": first["version"]}) + b"\n")
     out.flush()
 
     # 2. Then each change, acknowledged once applied.

@@ -28,6 +28,7 @@ from controlkit import (
     replay_forwarding,
 )
 
+from router import client as client_module
 from router import control
 from router.app import Router
 from router.client import (
@@ -38,6 +39,7 @@ from router.client import (
 )
 from router.config import Config
 from router.control_server import ControlServer, parse_loopback
+from router.errors import StoreError
 from router.routes import RouteTable
 
 
@@ -462,6 +464,24 @@ def test_over_long_line_is_refused_and_closed(
         router.stop()
 
 
+def test_client_refuses_a_request_the_router_would_not_read(
+    server: RouterThread, client: ControlClient
+) -> None:
+    assert client_module.MAX_LINE == control.MAX_LINE
+    ops = [
+        {"op": "expose_port", "sandbox": "sb", "port": 10_000 + i}
+        for i in range(30_000)
+    ]
+    with pytest.raises(ControlError) as info:
+        client.batch(ops)
+    assert info.value.code == "LINE_TOO_LONG"
+    assert "split the batch" in info.value.message
+    # Nothing was sent: the connection still works, and nothing changed.
+    assert client.ping()
+    assert client.snapshot()["routes"] == []
+    assert len(client.batch(ops[:5000])) == 5000
+
+
 # -- TCP and its secret ----------------------------------------------------------
 
 
@@ -580,6 +600,33 @@ def test_watch_without_since_starts_with_a_snapshot(
         client.expose_port("w", 8081, token="b")
         second = next(events)
         assert second.version == 2 and second.changes[0]["op"] == "put_route"
+    finally:
+        events.close()
+
+
+class _UnreadableStore:
+    """A route source whose file has gone away (``RouteTable.load_index``)."""
+
+    def routes_of(self, sandbox: str | None) -> list[Any]:
+        raise StoreError("Route store /gone.db cannot be read: disk I/O error")
+
+
+def test_watch_on_an_unreadable_store_is_answered_and_not_kept(
+    server: RouterThread, client: ControlClient
+) -> None:
+    # A table whose sandbox "late" is still only in a store that now fails.
+    table = server.router.table
+    table.source = _UnreadableStore()
+    table.unloaded.add("late")
+    with pytest.raises(ControlError) as info:
+        client.watch()
+    assert info.value.code == "STORE_ERROR"
+    assert client.stats()["watchers"] == 0
+    # And once the store reads again, watching works.
+    table.unloaded.discard("late")
+    events = client.watch()
+    try:
+        assert next(events).snapshot is not None
     finally:
         events.close()
 

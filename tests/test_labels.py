@@ -221,7 +221,7 @@ def test_index_load_rows_is_set_for_each_row(twin: ModuleType) -> None:
 
     one_by_one = twin.LabelIndex()
     one_by_one.set(b"1-old-one", 1, 9, 1, 0, 0)
-    for (sandbox, port, token, route_id, target, flags), t in zip(
+    for (sandbox, port, token, route_id, _target, flags), t in zip(
         rows, [0, 1, 0, 2], strict=True
     ):
         label = f"{port}-{sandbox}-{token}".encode()

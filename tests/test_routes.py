@@ -11,6 +11,7 @@ import re
 from types import ModuleType
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -729,6 +730,19 @@ def test_replayed_changes_rebuild_the_forwarding_table(
     )
     assert _resolved(fresh) == _resolved(table.forwarding)
     assert _views(fresh) == _views(table.forwarding)
+
+    # A worker's table, from the forwarding table alone (through JSON, as
+    # the pipe carries it), over whatever it held before.
+    worker = ForwardingTable(table.domains)
+    worker.put_sandbox(Sandbox("stray", "127.0.0.1", "running"))
+    source = table.forwarding
+    sandboxes = orjson.loads(orjson.dumps(source.export_sandboxes()))
+    worker.import_sandboxes(sandboxes, len(source.index))
+    for chunk in source.export_routes(3):
+        assert 0 < len(chunk) <= 3
+        worker.import_routes(orjson.loads(orjson.dumps(chunk)))
+    assert _resolved(worker) == _resolved(table.forwarding)
+    assert _views(worker) == _views(table.forwarding)
 
     # The table's own indexes agree with its routes: every route's label
     # leads back to it, and no label is left over.

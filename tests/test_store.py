@@ -199,6 +199,44 @@ def test_a_reopened_table_reads_each_sandbox_when_first_touched(path: Path) -> N
     assert [r["sandbox"] for r in snapshot["routes"]] == ["a", "a", "b", "c"]
 
 
+class FlakySource:
+    """The store, whose first read fails (a moment without a free file
+    descriptor, a busy disk)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.failures = 1
+
+    def routes_of(self, sandbox: str | None) -> list[Any]:
+        if self.failures:
+            self.failures -= 1
+            raise StoreError(f"Route store {self.store.path} cannot be read: EMFILE")
+        return self.store.routes_of(sandbox)
+
+
+def test_a_failed_first_read_is_tried_again(path: Path) -> None:
+    store, table = open_table(path)
+    commit(store, table, [{"op": "expose_port", "sandbox": "a", "port": 8080}])
+    listed = table.get_exposed_ports("a")
+    store.close()
+
+    store = Store(str(path))
+    try:
+        table = RouteTable(DOMAINS)
+        table.load_index(*store.load_index(), FlakySource(store))
+        with pytest.raises(StoreError):
+            table.get_exposed_ports("a")
+        # Not taken for a sandbox without routes: read again, and right.
+        assert table.get_exposed_ports("a") == listed
+        txn = commit(
+            store, table, [{"op": "unexpose_port", "sandbox": "a", "port": 8080}]
+        )
+        assert txn.results == [{"port": 8080, "unexposed": True}]
+        assert routed(table) == []
+    finally:
+        store.close()
+
+
 def test_group_commit_stores_the_highest_version(path: Path) -> None:
     store, table = open_table(path)
     first = table.prepare([{"op": "expose_port", "sandbox": "a", "port": 8080}])

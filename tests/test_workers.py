@@ -141,6 +141,20 @@ def test_a_dead_worker_is_replaced_from_the_current_table(
     port, _, control, primary = cluster
     with upstream() as up, ControlClient(control) as ctl:
         first = ctl.expose_port("sb", up.port, token="one")
+        # More routes than one line of the starting table carries
+        # (workers.EXPORT_CHUNK), so the replacement gets several.
+        many: list[Any] = []
+        for start in range(0, 25_000, 5_000):
+            many += ctl.batch(
+                [
+                    {
+                        "op": "expose_port",
+                        "sandbox": f"many-{i % 50}",
+                        "port": 10_000 + i,
+                    }
+                    for i in range(start, start + 5_000)
+                ]
+            )
         (worker,) = children(primary)
         os.kill(worker, signal.SIGKILL)
 
@@ -152,11 +166,16 @@ def test_a_dead_worker_is_replaced_from_the_current_table(
         (replacement,) = now
         assert replacement != worker
 
-        # It serves the old route and follows new changes.
+        # It serves the old routes and follows new changes.
         second = ctl.expose_port("other", up.port, token="two")
         for exposed in (first, second):
             host = exposed.url.split("//", 1)[1].split("/", 1)[0]
             assert [fetch(port, host) for _ in range(20)] == [200] * 20
+        # Routes of the bulk (their ports have no server: 502, not 404),
+        # from the first chunk to the last.
+        for result in (many[0], many[12_345], many[-1]):
+            host = result["url"].split("//", 1)[1].split("/", 1)[0]
+            assert 404 not in [fetch(port, host) for _ in range(6)]
 
 
 def wrk(port: int, host: str, seconds: int, connections: int = 8) -> dict[str, int]:

@@ -441,6 +441,22 @@ cdef class LabelIndex:
         self.count = 0
         memset(self.slots, 0, (self.mask + 1) * sizeof(uint64_t))
 
+    def iter_items(self):
+        """Every entry, in storage order, one at a time.
+
+        For streaming a big table out (a worker's start): no list of a
+        million tuples at once.  The index must not change meanwhile.
+        """
+        cdef uint32_t k = 0
+        cdef Entry *e
+        while k < self.count:
+            e = &self.entries[k]
+            yield (
+                e.label[:e.length],
+                (e.route_id, e.sandbox_slot, e.port, e.target_slot, e.flags),
+            )
+            k += 1
+
     def items(self):
         """Every entry, sorted by label (for tests and snapshots)."""
         cdef uint32_t k
