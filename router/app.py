@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .routes import RouteTable, Transaction
-from .store import Store
+from .store import Store, claim
 
 if TYPE_CHECKING:
     from .workers import Follower
@@ -70,6 +71,7 @@ class Router:
             reserved_ports=frozenset(config.reserved_ports),
         )
         self.store: Store | None = None
+        self._claim: int | None = None  # the store's lock file (store.claim)
         self._lock = asyncio.Lock()
         self._pending: list[
             tuple[list[dict[str, Any]], bool, asyncio.Future[Transaction]]
@@ -99,7 +101,12 @@ class Router:
         if not self.config.state:
             return
         self.store = Store(self.config.state, self.config.sync)
-        load_table(self.store, self.table)
+        try:
+            self._claim = claim(self.config.state)
+            load_table(self.store, self.table)
+        except BaseException:
+            self.close()
+            raise
         log.info(
             "route store %s loaded: version %d, %d routes, %d sandboxes",
             self.config.state,
@@ -233,6 +240,9 @@ class Router:
         if self.store is not None:
             self.store.close()
             self.store = None
+        if self._claim is not None:
+            os.close(self._claim)
+            self._claim = None
 
 
 def _describe(rec: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ the file: starting on a silently empty table would revoke every URL.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import sqlite3
@@ -41,6 +42,37 @@ CREATE TABLE IF NOT EXISTS routes (
     PRIMARY KEY (sandbox, port)
 );
 """
+
+
+def claim(path: str) -> int:
+    """Take ``path``'s store for this process; the lock file's descriptor.
+
+    Two routers writing one store would each hold a table the other does
+    not see, and a router that reads routes from its store after start-up
+    (``RouteTable.load_index``) would mix the two.  The claim is a
+    ``flock`` on ``path + ".lock"``, released by ``os.close`` or when the
+    process ends (``kill -9`` included).
+    """
+    lock_path = path + ".lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StoreError(f"Route store {path}: cannot open {lock_path}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreError(
+            f"Route store {path} is in use by another edge-router (pid {holder}); "
+            "stop it first, or give this one another --state"
+        ) from None
+    except OSError as exc:
+        os.close(fd)
+        raise StoreError(f"Route store {path}: cannot lock {lock_path}: {exc}") from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class Store:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -88,8 +89,16 @@ def test_stale_socket_is_replaced_and_removed_at_close(tmp_path: Path) -> None:
 def test_live_socket_and_other_files_are_not_taken_over(tmp_path: Path) -> None:
     first = RouterThread(tmp_path).start()
     try:
-        with pytest.raises(OSError, match="another process"):
+        # The same store: refused before the socket is even looked at.
+        with pytest.raises(StoreError, match="in use by another edge-router"):
             RouterThread(tmp_path).start()
+        # Another store, the same socket path.
+        (tmp_path / "other").mkdir()
+        second = RouterThread(tmp_path / "other")
+        second.path = first.path
+        second.config = dataclasses.replace(second.config, control=first.path)
+        with pytest.raises(OSError, match="another process"):
+            second.start()
         with ControlClient(first.path) as c:
             assert c.call("ping") == "pong"
     finally:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from harness import serve_refused
@@ -105,3 +108,39 @@ def test_in_range_extremes_are_taken_by_the_data_path(head: str) -> None:
     finally:
         loop.close()
     assert (proxy.max_body, proxy.max_head) == (2**63 - 1, int(head))
+
+
+def test_a_store_in_use_is_refused_by_a_second_router(tmp_path: Path) -> None:
+    state = str(tmp_path / "routes.db")
+    control = str(tmp_path / "control.sock")
+    command = [sys.executable, "-m", "router", "serve", "--listen", "127.0.0.1:0"]
+    command += ["--state", state, "--control", control]
+
+    def started(proc: subprocess.Popen[str]) -> None:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(control):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "router did not start"
+            time.sleep(0.05)
+
+    with subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    ) as first:
+        try:
+            started(first)
+            stderr = serve_refused("--state", state)
+            assert f"Route store {state} is in use by another edge-router" in stderr
+            assert f"(pid {first.pid})" in stderr
+        finally:
+            first.terminate()
+            first.wait(20)
+
+    # Once the first has stopped, the store is free again.
+    with subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    ) as second:
+        try:
+            started(second)
+        finally:
+            second.terminate()
+            second.wait(20)
