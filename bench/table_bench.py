@@ -539,7 +539,7 @@ def main() -> None:
     print("   (Store.load_index) and 'build' (RouteTable.load_index) are its parts,")
     print("   timed in another process.  'B/route' is the RSS the start-up added;")
     print("   'all s' and 'B/route all' are reading every route in afterwards, as")
-    print("   the first snapshot for a worker process does.")
+    print("   the first whole-table answer (a snapshot, a watch from scratch) does.")
     print(
         "   {:>4} {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>12}".format(
             "twin",
