@@ -115,6 +115,17 @@ class Router:
             len(self.table.sandboxes),
         )
 
+    async def page_in(self) -> None:
+        """Read every route still only in the store, off the event loop.
+
+        For whole-table answers (a snapshot, a watch from scratch), under
+        ``lock``: a million routes take seconds to read, which would
+        otherwise stop every connection of this process meanwhile.
+        """
+        if self.table.unloaded and self.store is not None:
+            routes = await asyncio.to_thread(self.store.all_routes)
+            self.table.adopt(routes)
+
     async def commit(
         self, ops: list[dict[str, Any]], batch: bool = False
     ) -> Transaction:

@@ -316,6 +316,7 @@ class ControlServer:
                 # A transaction in flight is already in the table but not
                 # in its version: read between transactions.
                 async with self.router.lock:
+                    await self.router.page_in()
                     result = control.run_query(self.router.table, request)
                 return control.encode(control.ok(rid, result))
             result = control.run_query(self.router.table, request)
@@ -378,6 +379,8 @@ class ControlServer:
         since = request.args.get("since")
         async with self.router.lock:
             try:
+                if since is None or self.router.table.changes_since(since) is None:
+                    await self.router.page_in()  # a snapshot comes first
                 start = control.watch_start(self.router.table, since)
             except StoreError as exc:
                 # The snapshot could not be read (a table still partly in

@@ -317,13 +317,23 @@ class RouteTable:
 
     def page_in_all(self) -> None:
         """Read every route still in the store (whole-table answers)."""
-        if not self.unloaded:
-            return
-        assert self.source is not None
-        for route in self.source.routes_of(None):
-            if route.sandbox in self.unloaded:
+        if self.unloaded:
+            assert self.source is not None
+            self.adopt(self.source.routes_of(None))
+
+    def adopt(self, routes: Iterable[Route]) -> None:
+        """Take in ``routes``, every route the store held, once read.
+
+        They may have been read while the table went on serving (the IO
+        layer reads them off the event loop): only the sandboxes still
+        unread take theirs, since one read since then has newer routes,
+        and one still unread had no change (a change reads it first).
+        """
+        unloaded = self.unloaded
+        for route in routes:
+            if route.sandbox in unloaded:
                 self.by_sandbox.setdefault(route.sandbox, {})[route.port] = route
-        self.unloaded.clear()
+        unloaded.clear()
 
     # -- transactions ----------------------------------------------------
 

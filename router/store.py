@@ -197,6 +197,28 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"Route store {self.path} cannot be read: {exc}") from exc
 
+    def all_routes(self) -> list[Route]:
+        """Every committed route, on a connection of its own: for a thread
+        of its own, while ``routes_of`` may run on the event loop."""
+        try:
+            db = sqlite3.connect(self.path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"Route store {self.path} cannot be read: {exc}") from exc
+        try:
+            return list(
+                itertools.starmap(
+                    Route,
+                    db.execute(
+                        "SELECT sandbox, port, token, name, exposed_at, target, host,"
+                        " route_id FROM routes"
+                    ),
+                )
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"Route store {self.path} cannot be read: {exc}") from exc
+        finally:
+            db.close()
+
     def _version_and_sandboxes(self) -> tuple[int, list[Sandbox]]:
         version = self._db.execute(
             "SELECT value FROM meta WHERE key='version'"

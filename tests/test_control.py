@@ -613,31 +613,60 @@ def test_watch_without_since_starts_with_a_snapshot(
         events.close()
 
 
-class _UnreadableStore:
-    """A route source whose file has gone away (``RouteTable.load_index``)."""
-
-    def routes_of(self, sandbox: str | None) -> list[Any]:
-        raise StoreError("Route store /gone.db cannot be read: disk I/O error")
-
-
 def test_watch_on_an_unreadable_store_is_answered_and_not_kept(
-    server: RouterThread, client: ControlClient
+    server: RouterThread, client: ControlClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A table whose sandbox "late" is still only in a store that now fails.
-    table = server.router.table
-    table.source = _UnreadableStore()
-    table.unloaded.add("late")
+    def unreadable() -> list[Any]:
+        raise StoreError("Route store /gone.db cannot be read: disk I/O error")
+
+    assert server.router.store is not None
+    monkeypatch.setattr(server.router.store, "all_routes", unreadable)
+    server.router.table.unloaded.add("late")
     with pytest.raises(ControlError) as info:
         client.watch()
     assert info.value.code == "STORE_ERROR"
     assert client.stats()["watchers"] == 0
-    # And once the store reads again, watching works.
-    table.unloaded.discard("late")
+    with pytest.raises(ControlError) as info:
+        client.snapshot()
+    assert info.value.code == "STORE_ERROR"
+
+    # And once the store reads again, both work.
+    monkeypatch.undo()
     events = client.watch()
     try:
         assert next(events).snapshot is not None
     finally:
         events.close()
+    assert client.snapshot()["version"] == 0
+
+
+def test_a_restarted_router_answers_whole_table_requests_in_full(
+    tmp_path: Path,
+) -> None:
+    router = RouterThread(tmp_path).start()
+    try:
+        with ControlClient(router.path) as c:
+            for i in range(30):
+                c.expose_port(f"box-{i % 7}", 8000 + i, name=f"app {i}")
+            before = c.snapshot()
+    finally:
+        router.stop()
+
+    router = RouterThread(tmp_path).start()
+    try:
+        assert len(router.router.table.unloaded) == 7  # nothing read yet
+        with ControlClient(router.path) as c:
+            assert c.get_exposed_ports("box-3")[0].name == "app 3"
+            assert c.snapshot() == before
+            events = c.watch()
+            try:
+                assert next(events).snapshot == before
+            finally:
+                events.close()
+        assert router.router.table.unloaded == set()
+    finally:
+        router.stop()
 
 
 def test_watch_reply_and_framing(server: RouterThread, client: ControlClient) -> None:
