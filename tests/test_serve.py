@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -116,31 +118,29 @@ def test_a_store_in_use_is_refused_by_a_second_router(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "router", "serve", "--listen", "127.0.0.1:0"]
     command += ["--state", state, "--control", control]
 
-    def started(proc: subprocess.Popen[str]) -> None:
-        deadline = time.monotonic() + 20
-        while not os.path.exists(control):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "router did not start"
-            time.sleep(0.05)
+    @contextlib.contextmanager
+    def running() -> Iterator[subprocess.Popen[str]]:
+        with subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        ) as proc:
+            try:
+                deadline = time.monotonic() + 20
+                while not os.path.exists(control):
+                    assert proc.poll() is None, (
+                        proc.stderr.read() if proc.stderr else ""
+                    )
+                    assert time.monotonic() < deadline, "router did not start"
+                    time.sleep(0.05)
+                yield proc
+            finally:
+                proc.terminate()
+                proc.wait(20)
 
-    with subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    ) as first:
-        try:
-            started(first)
-            stderr = serve_refused("--state", state)
-            assert f"Route store {state} is in use by another edge-router" in stderr
-            assert f"(pid {first.pid})" in stderr
-        finally:
-            first.terminate()
-            first.wait(20)
+    with running() as first:
+        stderr = serve_refused("--state", state)
+        assert f"Route store {state} is in use by another edge-router" in stderr
+        assert f"(pid {first.pid})" in stderr
 
     # Once the first has stopped, the store is free again.
-    with subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    ) as second:
-        try:
-            started(second)
-        finally:
-            second.terminate()
-            second.wait(20)
+    with running():
+        pass
