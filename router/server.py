@@ -103,12 +103,35 @@ class Service:
                 router.table.domains[0], self.public_port
             )
 
-        router.stats_hooks.append(
-            lambda: {
-                "connections": len(proxy.clients),
-                "proxy": proxy.stats.as_dict(),
+        def proxy_stats() -> dict[str, Any]:
+            # Every process's counters, added up: the kernel spreads
+            # connections over them, so one process's figures are a part.
+            # Followers report once a second (workers.STATS_EVERY); a
+            # replaced one starts again from 0.
+            counters = proxy.stats.as_dict()
+            per: list[dict[str, Any]] = [
+                {
+                    "worker": 0,
+                    "pid": os.getpid(),
+                    "connections": len(proxy.clients),
+                    "proxy": counters,
+                }
+            ]
+            for follower in router.followers:
+                if follower.stats is not None and follower.proc is not None:
+                    per.append(
+                        {"worker": follower.number, "pid": follower.proc.pid}
+                        | follower.stats
+                    )
+            return {
+                "connections": sum(p.get("connections", 0) for p in per),
+                "proxy": {
+                    k: sum(p.get("proxy", {}).get(k, 0) for p in per) for k in counters
+                },
+                "workers": per,
             }
-        )
+
+        router.stats_hooks.append(proxy_stats)
 
         # 3. The trusted internal entry, loopback or a Unix socket only.
         if config.internal:

@@ -13,7 +13,9 @@ the same records the ``watch`` stream carries:
   (``ForwardingTable.export_routes``), then every change message
   ``{"version", "changes"}``;
 * follower → primary, on its stdout: ``{"ready": v}`` once it serves, then
-  ``{"ack": v}`` after each change message is applied.
+  ``{"ack": v}`` after each change message is applied, and every second
+  its counters, ``{"stats": {"connections", "proxy"}}``, which the
+  primary's ``stats`` adds up with its own.
 
 A change is acknowledged to its caller only once every follower has
 acknowledged it too (``Router.followers``), so "the URL dies at once" holds
@@ -48,6 +50,8 @@ START_TIMEOUT = 10.0
 START_TIMEOUT_PER_ROUTE = 20e-6
 # Routes per line of a follower's starting table: about 1 MB of JSON.
 EXPORT_CHUNK = 10_000
+# How often a follower reports its counters (so ``stats`` lags by this).
+STATS_EVERY = 1.0
 ENV_CONFIG = "EDGE_ROUTER_FOLLOWER"
 
 
@@ -60,6 +64,8 @@ class Follower:
         self.port = port
         self.proc: asyncio.subprocess.Process | None = None
         self.acked = -1
+        # The process's last reported counters (None until its first report).
+        self.stats: dict[str, Any] | None = None
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._reader: asyncio.Task[None] | None = None
         self.stopping = False
@@ -109,6 +115,7 @@ class Follower:
             env=env,
         )
         self.acked = -1
+        self.stats = None
         self._reader = asyncio.get_running_loop().create_task(
             self._read(), name=f"follower-{self.number}"
         )
@@ -163,6 +170,9 @@ class Follower:
         async for line in self.proc.stdout:
             try:
                 reply = orjson.loads(line)
+                if isinstance(reply.get("stats"), dict):
+                    self.stats = reply["stats"]
+                    continue
                 version = int(reply.get("ack", reply.get("ready", -1)))
             except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
                 log.warning("worker %d said something odd: %r", self.number, line)
@@ -256,9 +266,21 @@ async def _follow(config: Config) -> int:
             out.flush()
         stop.set()  # the primary is gone
 
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(STATS_EVERY)
+            counters = {
+                "connections": len(proxy.clients),
+                "proxy": proxy.stats.as_dict(),
+            }
+            out.write(orjson.dumps({"stats": counters}) + b"\n")
+            out.flush()
+
     following = loop.create_task(follow())
+    reporting = loop.create_task(report())
     await stop.wait()
     following.cancel()
+    reporting.cancel()
     server.close()
     proxy.begin_drain()
     deadline = loop.time() + config.grace

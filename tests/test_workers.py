@@ -88,14 +88,14 @@ def fetch(port: int, host: str) -> int:
         conn.close()
 
 
-def primary_requests(admin: int) -> int:
+def admin_stats(admin: int) -> dict[str, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
     try:
         conn.request("GET", "/stats")
-        stats = json.loads(conn.getresponse().read())
+        stats: dict[str, Any] = json.loads(conn.getresponse().read())
     finally:
         conn.close()
-    return int(stats["proxy"]["requests"])
+    return stats
 
 
 def test_two_workers_share_the_port_and_the_table(
@@ -107,10 +107,20 @@ def test_two_workers_share_the_port_and_the_table(
         host = exposed.url.split("//", 1)[1].split("/", 1)[0]
 
         # 1. Every request is routed right, whichever process takes it; the
-        #    primary took some but not all (the kernel spreads connections).
+        #    primary took some but not all (the kernel spreads connections),
+        #    and /stats adds up both processes' counters (the follower's
+        #    come once a second).
         assert [fetch(port, host) for _ in range(40)] == [200] * 40
-        taken = primary_requests(admin)
-        assert 0 < taken < 40
+        deadline = time.monotonic() + 5
+        while (stats := admin_stats(admin))["proxy"]["requests"] < 40:
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.1)
+        assert stats["proxy"]["requests"] == 40
+        primary, follower = stats["workers"]
+        assert (primary["worker"], follower["worker"]) == (0, 1)
+        assert 0 < primary["proxy"]["requests"] < 40
+        assert primary["proxy"]["requests"] + follower["proxy"]["requests"] == 40
+        assert follower["pid"] != primary["pid"]
 
         # 2. Once unexpose is acknowledged, no process serves the URL.
         ctl.unexpose_port("sb", up.port)
