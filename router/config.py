@@ -110,10 +110,19 @@ LIMITS: dict[str, tuple[float, float]] = {
 }
 
 
+# Settings that take one of a few words (any case).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "sync": ("full", "normal"),
+    "log_level": ("debug", "info", "warning", "error"),
+}
+
+
 def _check(name: str, value: Any) -> None:
     low, high = LIMITS.get(name, (None, None))
     if low is not None and high is not None and not low <= value <= high:
-        raise ValueError(f"must be between {low:g} and {high:g}")
+        raise ValueError(f"must be between {low} and {high}")
+    if name in CHOICES and str(value).lower() not in CHOICES[name]:
+        raise ValueError(f"must be one of {', '.join(CHOICES[name])}")
     if name == "reserved_ports" and not all(1 <= p <= 65535 for p in value):
         raise ValueError("ports must be between 1 and 65535")
 
@@ -165,13 +174,16 @@ def load(
             values[f.name] = getattr(args, f.name)
 
     for name, raw in values.items():
+        # Named as a flag, the form most settings come in; the TOML key and
+        # the environment variable are the same name spelled their way.
+        flag = "--" + name.replace("_", "-")
         try:
             value = _convert(name, raw, getattr(defaults, name))
         except ValueError as exc:
-            raise SystemExit(f"edge-router: bad value for {name}: {raw!r}") from exc
+            raise SystemExit(f"edge-router: bad value for {flag}: {raw!r}") from exc
         try:
             _check(name, value)
         except ValueError as exc:
-            raise SystemExit(f"edge-router: {name} {exc}, not {raw!r}") from exc
+            raise SystemExit(f"edge-router: {flag} {exc}, not {raw!r}") from exc
         setattr(cfg, name, value)
     return cfg

@@ -75,13 +75,15 @@ def _check_demo(proc: subprocess.Popen[str]) -> None:
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--max-body", "99999999999999999999", "max_body must be between 0 and"),
-        ("--max-body", "-1", "max_body must be between 0 and"),
-        ("--max-head", "0", "max_head must be between 64 and"),
-        ("--max-head", "99999999999999999999", "max_head must be between 64 and"),
-        ("--grace", "nan", "grace must be between 0 and"),
-        ("--workers", "0", "workers must be between 1 and"),
+        ("--max-body", "99999999999999999999", "--max-body must be between 0 and"),
+        ("--max-body", "-1", "--max-body must be between 0 and 9223372036854775807"),
+        ("--max-head", "0", "--max-head must be between 64 and 16777216"),
+        ("--max-head", "99999999999999999999", "--max-head must be between 64 and"),
+        ("--grace", "nan", "--grace must be between 0 and 31536000"),
+        ("--workers", "0", "--workers must be between 1 and 256"),
         ("--reserved-ports", "70000", "ports must be between 1 and 65535"),
+        ("--sync", "off", "--sync must be one of full, normal"),
+        ("--log-level", "loud", "--log-level must be one of debug, info, warning"),
     ],
 )
 def test_out_of_range_settings_stop_startup(
