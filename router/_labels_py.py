@@ -10,7 +10,8 @@ imported: this module sits on the bottom floor.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 MAX_LABEL = 63
 _U16 = 0xFFFF
@@ -101,7 +102,7 @@ class LabelIndex:
 
     def load_rows(
         self,
-        rows: list[tuple[str, int, str, int, str | None, int]],
+        rows: Sequence[Sequence[Any]],
         sandbox_slots: dict[str, int],
         target_slot: Callable[[str], int],
     ) -> int:

@@ -28,7 +28,7 @@ import ipaddress
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -223,44 +223,30 @@ class RouteTable:
         sandboxes: Iterable[Sandbox],
         routes_in: Iterable[Route],
     ) -> None:
-        """Fill an empty table from the store (no change records).
+        """Fill an empty table with every route whole (no change records).
 
-        This is start-up time with a million routes, so the loop does each
-        route's work inline, once: one label string, no old-entry checks
-        (the table is empty), the index filled directly.
+        The router itself starts with ``load_index``; this one holds every
+        route in memory from the start (tests compare the two).
         """
-        forwarding = self.forwarding
-        for sb in sandboxes:
-            self.sandboxes[sb.name] = sb
-            forwarding.put_sandbox(sb)
         by_sandbox = self.by_sandbox
-        if isinstance(routes_in, Sized):
-            forwarding.index.reserve(len(forwarding.index) + len(routes_in))
-        index_set = forwarding.index.set
-        sandbox_slots = forwarding.sandbox_slots
-        top = count = 0
+        rows = []
         for route in routes_in:
-            sandbox = route.sandbox
-            port = route.port
-            ports = by_sandbox.get(sandbox)
+            ports = by_sandbox.get(route.sandbox)
             if ports is None:
-                ports = by_sandbox[sandbox] = {}
-            ports[port] = route
-            count += 1
-            index_set(
-                f"{port}-{sandbox}-{route.token}".encode(),
-                route.route_id,
-                sandbox_slots[sandbox],
-                port,
-                forwarding._target_slot(route.target) if route.target else 0,
-                FLAG_PRESERVE_HOST if route.host == "preserve" else 0,
+                ports = by_sandbox[route.sandbox] = {}
+            ports[route.port] = route
+            flags = FLAG_PRESERVE_HOST if route.host == "preserve" else 0
+            rows.append(
+                (
+                    route.sandbox,
+                    route.port,
+                    route.token,
+                    route.route_id,
+                    route.target,
+                    flags,
+                )
             )
-            if route.route_id > top:
-                top = route.route_id
-        forwarding.index.compact()
-        self.routes.count += count
-        self.next_route_id = top + 1
-        self.version = version
+        self._fill(version, sandboxes, rows)
 
     def load_index(
         self,
@@ -280,19 +266,26 @@ class RouteTable:
         the memory of the routes nobody asked about in the store.
         """
         assert not self.sandboxes and not self.routes.count, "load an empty table"
+        # The store hands out the flag itself (1: preserve the Host).
+        assert FLAG_PRESERVE_HOST == 1
+        self._fill(version, sandboxes, rows)
+        self.unloaded.update(self.sandboxes)
+        self.source = source
+
+    def _fill(
+        self, version: int, sandboxes: Iterable[Sandbox], rows: list[tuple[Any, ...]]
+    ) -> None:
+        """Sandboxes, then the forwarding index from ``load_rows`` rows
+        ``(sandbox, port, token, route_id, target, flags)``."""
         forwarding = self.forwarding
         for sb in sandboxes:
             self.sandboxes[sb.name] = sb
             forwarding.put_sandbox(sb)
-        # The store hands out the flag itself (1: preserve the Host).
-        assert FLAG_PRESERVE_HOST == 1
         top = forwarding.index.load_rows(
             rows, forwarding.sandbox_slots, forwarding._target_slot
         )
         forwarding.index.compact()
-        self.routes.count = len(rows)
-        self.unloaded.update(self.sandboxes)
-        self.source = source
+        self.routes.count += len(rows)
         self.next_route_id = top + 1
         self.version = version
 
@@ -923,12 +916,17 @@ class ForwardingTable:
         ]
 
     def export_routes(self, size: int) -> Iterator[list[list[Any]]]:
-        """Every route as ``[label, route_id, sandbox, port, target, flags]``,
-        ``size`` at a time.  The table must not change until the end."""
+        """Every route as a ``LabelIndex.load_rows`` row, ``[sandbox, port,
+        token, route_id, target, flags]``, ``size`` at a time.  The table
+        must not change until the end."""
         names, targets = self.sandbox_names, self.target_names
         chunk: list[list[Any]] = []
         for label, (route_id, sb, port, t, flags) in self.index.iter_items():
-            chunk.append([label.decode(), route_id, names[sb], port, targets[t], flags])
+            sandbox = names[sb]
+            assert sandbox is not None
+            # The label is "{port}-{sandbox}-{token}"; names are ASCII.
+            token = label[len(str(port)) + len(sandbox) + 2 :].decode()
+            chunk.append([sandbox, port, token, route_id, targets[t], flags])
             if len(chunk) == size:
                 yield chunk
                 chunk = []
@@ -944,16 +942,7 @@ class ForwardingTable:
 
     def import_routes(self, chunk: list[list[Any]]) -> None:
         """One chunk of ``export_routes``."""
-        index, slots = self.index, self.sandbox_slots
-        for label, route_id, sandbox, port, target, flags in chunk:
-            index.set(
-                label.encode(),
-                route_id,
-                slots[sandbox],
-                port,
-                self._target_slot(target) if target else 0,
-                flags,
-            )
+        self.index.load_rows(chunk, self.sandbox_slots, self._target_slot)
 
     def load_snapshot(self, snap: dict[str, Any]) -> None:
         self._empty()

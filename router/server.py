@@ -25,7 +25,7 @@ from .config import Config
 from .control import stats as control_stats
 from .demo import DEMO_SANDBOX, DEMO_TOKEN, start_demo
 from .errors import RouterError, StoreError
-from .workers import Follower
+from .workers import Follower, proxy_counters
 
 log = logging.getLogger("edge_router")
 
@@ -108,15 +108,8 @@ class Service:
             # connections over them, so one process's figures are a part.
             # Followers report once a second (workers.STATS_EVERY); a
             # replaced one starts again from 0.
-            counters = proxy.stats.as_dict()
-            per: list[dict[str, Any]] = [
-                {
-                    "worker": 0,
-                    "pid": os.getpid(),
-                    "connections": len(proxy.clients),
-                    "proxy": counters,
-                }
-            ]
+            own = proxy_counters(proxy)
+            per: list[dict[str, Any]] = [{"worker": 0, "pid": os.getpid()} | own]
             for follower in router.followers:
                 if follower.stats is not None and follower.proc is not None:
                     per.append(
@@ -126,7 +119,8 @@ class Service:
             return {
                 "connections": sum(p.get("connections", 0) for p in per),
                 "proxy": {
-                    k: sum(p.get("proxy", {}).get(k, 0) for p in per) for k in counters
+                    k: sum(p.get("proxy", {}).get(k, 0) for p in per)
+                    for k in own["proxy"]
                 },
                 "workers": per,
             }

@@ -150,18 +150,9 @@ class Store:
         """
         try:
             version, sandboxes = self._version_and_sandboxes()
-            routes = list(
-                itertools.starmap(
-                    Route,
-                    self._db.execute(
-                        "SELECT sandbox, port, token, name, exposed_at, target, host,"
-                        " route_id FROM routes"
-                    ),
-                )
-            )
         except sqlite3.Error as exc:
             raise StoreError(f"Route store {self.path} cannot be read: {exc}") from exc
-        return version, sandboxes, routes
+        return version, sandboxes, self._routes(self._db)
 
     def load_index(self) -> tuple[int, list[Sandbox], list[tuple[Any, ...]]]:
         """What serving needs: the version, sandboxes, and per route the
@@ -184,18 +175,7 @@ class Store:
 
     def routes_of(self, sandbox: str | None) -> list[Route]:
         """One sandbox's routes, or every route for ``None`` (committed ones)."""
-        query = (
-            "SELECT sandbox, port, token, name, exposed_at, target, host, route_id"
-            " FROM routes"
-        )
-        try:
-            if sandbox is None:
-                cursor = self._reader.execute(query)
-            else:
-                cursor = self._reader.execute(query + " WHERE sandbox = ?", (sandbox,))
-            return list(itertools.starmap(Route, cursor))
-        except sqlite3.Error as exc:
-            raise StoreError(f"Route store {self.path} cannot be read: {exc}") from exc
+        return self._routes(self._reader, sandbox)
 
     def all_routes(self) -> list[Route]:
         """Every committed route, on a connection of its own: for a thread
@@ -205,19 +185,30 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"Route store {self.path} cannot be read: {exc}") from exc
         try:
-            return list(
-                itertools.starmap(
-                    Route,
-                    db.execute(
-                        "SELECT sandbox, port, token, name, exposed_at, target, host,"
-                        " route_id FROM routes"
-                    ),
-                )
-            )
-        except sqlite3.Error as exc:
-            raise StoreError(f"Route store {self.path} cannot be read: {exc}") from exc
+            return self._routes(db)
         finally:
             db.close()
+
+    def _routes(
+        self, db: sqlite3.Connection, sandbox: str | None = None
+    ) -> list[Route]:
+        """Route rows read whole, through ``db``; all, or one sandbox's.
+
+        Every row is read inside the error mapping, so a damaged page
+        anywhere raises ``StoreError`` naming the file.
+        """
+        query = (
+            "SELECT sandbox, port, token, name, exposed_at, target, host, route_id"
+            " FROM routes"
+        )
+        try:
+            if sandbox is None:
+                cursor = db.execute(query)
+            else:
+                cursor = db.execute(query + " WHERE sandbox = ?", (sandbox,))
+            return list(itertools.starmap(Route, cursor))
+        except sqlite3.Error as exc:
+            raise StoreError(f"Route store {self.path} cannot be read: {exc}") from exc
 
     def _version_and_sandboxes(self) -> tuple[int, list[Sandbox]]:
         version = self._db.execute(

@@ -55,6 +55,11 @@ STATS_EVERY = 1.0
 ENV_CONFIG = "EDGE_ROUTER_FOLLOWER"
 
 
+def proxy_counters(proxy: Any) -> dict[str, Any]:
+    """One process's traffic counters, as ``stats`` reports them."""
+    return {"connections": len(proxy.clients), "proxy": proxy.stats.as_dict()}
+
+
 class Follower:
     """The primary's handle on one follower process."""
 
@@ -269,11 +274,7 @@ async def _follow(config: Config) -> int:
     async def report() -> None:
         while True:
             await asyncio.sleep(STATS_EVERY)
-            counters = {
-                "connections": len(proxy.clients),
-                "proxy": proxy.stats.as_dict(),
-            }
-            out.write(orjson.dumps({"stats": counters}) + b"\n")
+            out.write(orjson.dumps({"stats": proxy_counters(proxy)}) + b"\n")
             out.flush()
 
     following = loop.create_task(follow())
