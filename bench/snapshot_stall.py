@@ -14,16 +14,15 @@ stopped by its PID.  Not a test: nothing here asserts.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,6 +33,15 @@ import table_bench  # noqa: E402
 from router.client import ControlClient  # noqa: E402
 
 
+def ask(sock: str) -> None:
+    """The asker's process: one snapshot, its time and size on stdout."""
+    with ControlClient(sock, timeout=300) as client:
+        start = time.monotonic()
+        routes = len(client.snapshot()["routes"])
+        seconds = time.monotonic() - start
+    print(json.dumps({"seconds": seconds, "routes": routes}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--routes", type=int, default=1_000_000)
@@ -41,7 +49,11 @@ def main() -> None:
         "--store-dir",
         default=os.path.join(tempfile.gettempdir(), "edge-router-table-bench"),
     )
+    parser.add_argument("--ask", metavar="SOCKET", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ask:
+        ask(args.ask)
+        return
 
     source = table_bench.store_path(Path(args.store_dir), args.routes)
     if not source.exists():
@@ -67,23 +79,22 @@ def main() -> None:
             ready = time.monotonic() - began
             print(f"{args.routes:,} routes; serving after {ready:.2f} s")
 
-            result: dict[str, Any] = {}
-
-            def snapshot() -> None:
-                with ControlClient(sock, timeout=300) as client:
-                    start = time.monotonic()
-                    routes = len(client.snapshot()["routes"])
-                    result["seconds"] = time.monotonic() - start
-                    result["routes"] = routes
-
+            # The asker is a process of its own: decoding the reply holds
+            # its interpreter's GIL for a second, which in a thread here
+            # would delay the pinger and be counted as the router's stall.
+            asker = subprocess.Popen(
+                [sys.executable, __file__, "--ask", sock],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             worst = 0.0
             with ControlClient(sock) as pinger:
                 pinger.ping()
-                asker = threading.Thread(target=snapshot)
-                asker.start()
-                while asker.is_alive():
+                while asker.poll() is None:
                     worst = max(worst, pinger.ping())
                     time.sleep(0.01)
+            out, _ = asker.communicate()
+            result = json.loads(out)
             print(
                 f"snapshot of {result['routes']:,} routes: {result['seconds']:.2f} s; "
                 f"worst ping meanwhile: {worst * 1000:.0f} ms"

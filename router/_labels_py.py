@@ -63,6 +63,19 @@ def _is_digits(value: bytes) -> bool:
     return value == b"" or (value.isdigit() and value.isascii())
 
 
+class Hit:
+    """What ``LabelIndex.lookup_into`` found; one is reused for every lookup."""
+
+    __slots__ = ("flags", "port", "route_id", "sandbox_slot", "target_slot")
+
+    def __init__(self) -> None:
+        self.route_id = 0
+        self.sandbox_slot = 0
+        self.port = 0
+        self.target_slot = 0
+        self.flags = 0
+
+
 class LabelIndex:
     """Label → (route_id, sandbox_slot, port, target_slot, flags).
 
@@ -135,6 +148,19 @@ class LabelIndex:
 
     def lookup(self, label: bytes) -> Value | None:
         return self._map.get(label)
+
+    def lookup_into(self, label: bytes, hit: Hit) -> bool:
+        """``lookup`` for the data path: the route's fields go into ``hit``.
+
+        The compiled twin makes no object per request this way.
+        """
+        if not isinstance(hit, Hit):
+            raise TypeError("label must be bytes and hit a Hit")
+        value = self._map.get(label)
+        if value is None:
+            return False
+        hit.route_id, hit.sandbox_slot, hit.port, hit.target_slot, hit.flags = value
+        return True
 
     def reserve(self, count: int) -> None:
         """Make room for ``count`` labels in all before a bulk load.

@@ -124,6 +124,7 @@ class Proxy:
         # What a request reads of the table, held here so that the lookup
         # is one step (the table keeps these objects for its lifetime).
         self.index = table.index
+        self.hit = labels.Hit()
         self.sandbox_names = table.sandbox_names
         self.sandbox_hosts = table.sandbox_hosts
         self.sandbox_stopped = table.sandbox_stopped
@@ -498,11 +499,15 @@ class ClientConnection:
             self.sandbox = ""
             self._dispatch(("", proxy.fallback), head.host or b"")
             return
-        value = proxy.index.lookup(label)
-        if value is None:
+        hit = proxy.hit
+        if not proxy.index.lookup_into(label, hit):
             self._reply("INVALID_TOKEN")
             return
-        route_id, sandbox_slot, port, target_slot, flags = value
+        route_id = hit.route_id
+        sandbox_slot = hit.sandbox_slot
+        port = hit.port
+        target_slot = hit.target_slot
+        flags = hit.flags
         if proxy.sandbox_stopped[sandbox_slot]:
             self._reply("STALE_PREVIEW_URL")
             return

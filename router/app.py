@@ -15,8 +15,10 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from .config import Config
-from .routes import RouteTable, Transaction
+from .routes import RouteTable, Transaction, group_by_sandbox
 from .store import Store, claim
 
 if TYPE_CHECKING:
@@ -30,6 +32,9 @@ log = logging.getLogger("edge_router")
 # the table's older objects again; ten thousand keeps it out of the way and
 # still bounds how long cyclic garbage lives.
 GC_YOUNG_THRESHOLD = 10_000
+
+# Records per step of a snapshot: about 20 ms of work between yields.
+SNAPSHOT_STEP = 10_000
 
 
 def tune_gc() -> None:
@@ -119,12 +124,55 @@ class Router:
         """Read every route still only in the store, off the event loop.
 
         For whole-table answers (a snapshot, a watch from scratch), under
-        ``lock``: a million routes take seconds to read, which would
-        otherwise stop every connection of this process meanwhile.
+        ``lock``: a million routes take seconds to read and group, which
+        would otherwise stop every connection of this process meanwhile.
         """
         if self.table.unloaded and self.store is not None:
-            routes = await asyncio.to_thread(self.store.all_routes)
-            self.table.adopt(routes)
+            store = self.store
+            # As at start-up (``load_table``): a million new objects would
+            # set off full collections, each holding the event loop for a
+            # quarter of a second; once kept, they are frozen out of later
+            # ones.
+            gc.disable()
+            try:
+                grouped = await asyncio.to_thread(
+                    lambda: list(group_by_sandbox(store.all_routes()).items())
+                )
+                for at in range(0, len(grouped), SNAPSHOT_STEP):
+                    self.table.adopt(grouped[at : at + SNAPSHOT_STEP], False)
+                    await asyncio.sleep(0)
+                self.table.adopt((), complete=True)
+            finally:
+                gc.enable()
+            gc.freeze()
+
+    async def snapshot(self) -> dict[str, Any]:
+        """``table.snapshot()``, made without holding up this process.
+
+        Under ``lock``, so the table stays at one version throughout.  The
+        records are encoded a step at a time with a yield to the event
+        loop after each: at a million routes, building and encoding them
+        in one go held every connection of the process for two seconds.
+        The encoded routes go into the reply as one ``orjson.Fragment``.
+        """
+        await self.page_in()
+        table = self.table
+        version = table.version
+        routes = [b"["]
+        for part in table.snapshot_routes(SNAPSHOT_STEP):
+            if len(routes) > 1:
+                routes.append(b",")
+            routes.append(orjson.dumps(part)[1:-1])
+            await asyncio.sleep(0)
+        routes.append(b"]")
+        sandboxes: list[dict[str, Any]] = []
+        for records in table.snapshot_sandboxes(SNAPSHOT_STEP):
+            sandboxes += records
+            await asyncio.sleep(0)
+        assert table.version == version, "the table changed during a snapshot"
+        joined = orjson.Fragment(b"".join(routes))
+        await asyncio.sleep(0)  # the reply's encoding copies it once more
+        return {"version": version, "routes": joined, "sandboxes": sandboxes}
 
     async def commit(
         self, ops: list[dict[str, Any]], batch: bool = False

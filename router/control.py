@@ -335,12 +335,15 @@ class WatchStart:
     messages: list[dict[str, Any]]
 
 
-def watch_start(table: RouteTable, since: int | None) -> WatchStart:
+def watch_start(
+    table: RouteTable, since: int | None, snapshot: dict[str, Any] | None = None
+) -> WatchStart:
+    """``snapshot``: the table's, if the caller has made it already."""
     if since is not None:
         backlog = table.changes_since(since)
         if backlog is not None:
             return WatchStart(table.version, False, backlog)
-    snap = table.snapshot()
+    snap = table.snapshot() if snapshot is None else snapshot
     message: dict[str, Any] = {"version": snap["version"], "snapshot": snap}
     if since is not None:
         # The log no longer reaches back to ``since`` (or ``since`` is ahead
@@ -388,4 +391,6 @@ def watch_overflow(rid: RequestId, version: int) -> dict[str, Any]:
 
 def encode(message: dict[str, Any]) -> bytes:
     """One protocol line."""
-    return orjson.dumps(message) + b"\n"
+    # Appended by orjson: ``+ b"\n"`` would copy the line again, which for
+    # a snapshot of a million routes is a tenth of a second.
+    return orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)

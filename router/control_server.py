@@ -22,6 +22,7 @@ reading on without a bound from a peer that is not speaking the protocol.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import itertools
@@ -133,6 +134,8 @@ class ControlServer:
     async def start(self) -> None:
         # Follow the table before the first client can ask to watch it.
         self.router.watchers.add(self._announce)
+        # Its own counters go wherever the router's go (the admin /stats too).
+        self.router.stats_hooks.append(self._counters)
         try:
             if self.path is not None:
                 sock = _bind_unix(self.path)
@@ -168,6 +171,8 @@ class ControlServer:
         """
         self._closing = True
         self.router.watchers.discard(self._announce)
+        with contextlib.suppress(ValueError):
+            self.router.stats_hooks.remove(self._counters)
         for server in self._servers:
             server.close()
         for task in self._clients:
@@ -316,9 +321,8 @@ class ControlServer:
                 # A transaction in flight is already in the table but not
                 # in its version: read between transactions.
                 async with self.router.lock:
-                    await self.router.page_in()
-                    result = control.run_query(self.router.table, request)
-                return control.encode(control.ok(rid, result))
+                    snap = await self.router.snapshot()
+                return control.encode(control.ok(rid, snap))
             result = control.run_query(self.router.table, request)
             return control.encode(control.ok(rid, result))
         except RouteError as exc:
@@ -351,10 +355,11 @@ class ControlServer:
         if not task.cancelled():
             task.exception()
 
+    def _counters(self) -> dict[str, Any]:
+        return {"control_clients": len(self._clients), "watchers": len(self._watches)}
+
     def stats(self) -> dict[str, Any]:
-        extra: list[dict[str, Any]] = [
-            {"control_clients": len(self._clients), "watchers": len(self._watches)}
-        ]
+        extra: list[dict[str, Any]] = []
         for hook in self.router.stats_hooks:
             try:
                 extra.append(hook())
@@ -379,9 +384,11 @@ class ControlServer:
         since = request.args.get("since")
         async with self.router.lock:
             try:
-                if since is None or self.router.table.changes_since(since) is None:
-                    await self.router.page_in()  # a snapshot comes first
-                start = control.watch_start(self.router.table, since)
+                table = self.router.table
+                snap = None
+                if since is None or table.changes_since(since) is None:
+                    snap = await self.router.snapshot()
+                start = control.watch_start(table, since, snap)
             except StoreError as exc:
                 # The snapshot could not be read (a table still partly in
                 # its store): an answer, and no watch left registered.

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 import orjson
@@ -347,10 +347,27 @@ def _stats(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         _json(out, stats)
     else:
-        width = max(map(len, stats), default=0)
-        for key, value in stats.items():
+        # Nested counters (a worker's, the proxy's) as dotted names, one
+        # per line: the text form is for reading and for grep.
+        rows = list(_flat(stats))
+        width = max((len(key) for key, _ in rows), default=0)
+        for key, value in rows:
             out.write(f"{key:<{width}}  {value}\n")
     return EXIT_OK
+
+
+def _flat(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """``(dotted.name, text)`` for every scalar in ``value``."""
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            yield from _flat(item, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, list) and value:
+        for i, item in enumerate(value):
+            yield from _flat(item, f"{prefix}.{i}")
+    elif isinstance(value, str):
+        yield prefix, value
+    else:
+        yield prefix, orjson.dumps(value).decode()
 
 
 def _ping(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:

@@ -134,6 +134,17 @@ def now_iso() -> str:
 _stamp: list[Any] = [0, ""]
 
 
+def group_by_sandbox(routes: Iterable[Route]) -> dict[str, dict[int, Route]]:
+    """``routes`` as ``RouteTable.adopt`` takes them: by sandbox, then port."""
+    grouped: dict[str, dict[int, Route]] = {}
+    for route in routes:
+        ports = grouped.get(route.sandbox)
+        if ports is None:
+            ports = grouped[route.sandbox] = {}
+        ports[route.port] = route
+    return grouped
+
+
 def parse_target(target: str) -> tuple[str, int] | str:
     """``host:port`` → (host, port); ``unix:/path`` → "/path"."""
     if target.startswith("unix:"):
@@ -312,21 +323,30 @@ class RouteTable:
         """Read every route still in the store (whole-table answers)."""
         if self.unloaded:
             assert self.source is not None
-            self.adopt(self.source.routes_of(None))
+            self.adopt(group_by_sandbox(self.source.routes_of(None)).items())
 
-    def adopt(self, routes: Iterable[Route]) -> None:
-        """Take in ``routes``, every route the store held, once read.
+    def adopt(
+        self, sandboxes: Iterable[tuple[str, dict[int, Route]]], complete: bool = True
+    ) -> None:
+        """Take in the store's routes, read and grouped: ``(name, ports)``.
 
         They may have been read while the table went on serving (the IO
         layer reads them off the event loop): only the sandboxes still
         unread take theirs, since one read since then has newer routes,
         and one still unread had no change (a change reads it first).
+        Grouping is left to the reader, so that what runs here is one step
+        per sandbox, not per route; the IO layer may pass them in several
+        calls, and says with ``complete`` which one has the last of them.
         """
         unloaded = self.unloaded
-        for route in routes:
-            if route.sandbox in unloaded:
-                self.by_sandbox.setdefault(route.sandbox, {})[route.port] = route
-        unloaded.clear()
+        by_sandbox = self.by_sandbox
+        for name, ports in sandboxes:
+            if name in unloaded:
+                by_sandbox[name] = ports
+                unloaded.discard(name)
+        if complete:
+            # Those left had no routes in the store.
+            unloaded.clear()
 
     # -- transactions ----------------------------------------------------
 
@@ -395,16 +415,36 @@ class RouteTable:
         return [m for m in self.log if m["version"] > since]
 
     def snapshot(self) -> dict[str, Any]:
-        self.page_in_all()
         return {
             "version": self.version,
-            "routes": [
-                ports[port].to_record()
-                for name, ports in sorted(self.by_sandbox.items())
-                for port in sorted(ports)
-            ],
-            "sandboxes": [s.to_record() for _, s in sorted(self.sandboxes.items())],
+            "routes": [r for part in self.snapshot_routes() for r in part],
+            "sandboxes": [s for part in self.snapshot_sandboxes() for s in part],
         }
+
+    def snapshot_routes(self, step: int = 10_000) -> Iterator[list[dict[str, Any]]]:
+        """The snapshot's route records, about ``step`` at a time, in order.
+
+        Steps let an IO layer serve other connections while it writes out
+        a million routes.  The table must not change until the last one.
+        """
+        self.page_in_all()
+        by_sandbox = self.by_sandbox
+        part: list[dict[str, Any]] = []
+        for name in sorted(by_sandbox):
+            ports = by_sandbox[name]
+            part.extend(ports[port].to_record() for port in sorted(ports))
+            if len(part) >= step:
+                yield part
+                part = []
+        if part:
+            yield part
+
+    def snapshot_sandboxes(self, step: int = 10_000) -> Iterator[list[dict[str, Any]]]:
+        """The snapshot's sandbox records, ``step`` at a time, in order."""
+        sandboxes = self.sandboxes
+        names = sorted(sandboxes)
+        for at in range(0, len(names), step):
+            yield [sandboxes[name].to_record() for name in names[at : at + step]]
 
     # -- the operations --------------------------------------------------
 

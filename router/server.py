@@ -11,12 +11,14 @@ get 503 ``SHUTTING_DOWN``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import os
 import signal
 import sys
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from . import __version__, speedups
 from .admin import AdminConnection
@@ -26,6 +28,8 @@ from .control import stats as control_stats
 from .demo import DEMO_SANDBOX, DEMO_TOKEN, start_demo
 from .errors import RouterError, StoreError
 from .workers import Follower, proxy_counters
+
+T = TypeVar("T")
 
 log = logging.getLogger("edge_router")
 
@@ -63,6 +67,7 @@ class Service:
         # The bound port of a TCP --internal listener (0 for unix:PATH), so
         # that ``--internal 127.0.0.1:0`` can be used and found.
         self.internal_port = 0
+        self.listening = False  # start() got to the end
 
     async def start(self) -> None:
         config = self.config
@@ -79,13 +84,17 @@ class Service:
         proxy = self.proxy = speedups.proxy.Proxy(config, router.table.forwarding, loop)
         router.watchers.add(proxy.on_change)
         proxy.start()
-        server = await loop.create_server(
-            proxy.protocol,
-            host,
-            port,
-            reuse_address=True,
-            reuse_port=config.workers > 1,
-            backlog=2048,
+        server = await _listen(
+            "--listen",
+            config.listen,
+            loop.create_server(
+                proxy.protocol,
+                host,
+                port,
+                reuse_address=True,
+                reuse_port=config.workers > 1,
+                backlog=2048,
+            ),
         )
         self.servers.append(server)
         self.public_port = server.sockets[0].getsockname()[1]
@@ -139,8 +148,10 @@ class Service:
                 # Bound, narrowed to the owner, and only then listening: the
                 # entry skips token checks, so no other user may connect.
                 path = config.internal[5:]
-                server = await loop.create_unix_server(
-                    inner.protocol, path, start_serving=False
+                server = await _listen(
+                    "--internal",
+                    config.internal,
+                    loop.create_unix_server(inner.protocol, path, start_serving=False),
                 )
                 os.chmod(path, 0o600)
                 await server.start_serving()
@@ -151,7 +162,11 @@ class Service:
                         "--internal must be a loopback address or unix:PATH, "
                         f"not {ihost}"
                     )
-                server = await loop.create_server(inner.protocol, ihost, iport)
+                server = await _listen(
+                    "--internal",
+                    config.internal,
+                    loop.create_server(inner.protocol, ihost, iport),
+                )
                 self.internal_port = server.sockets[0].getsockname()[1]
             self.servers.append(server)
             log.info("internal entry listening on %s", config.internal)
@@ -160,7 +175,9 @@ class Service:
         if config.control or config.control_tcp:
             from .control_server import start_control
 
-            self.control = await start_control(router, config)
+            flag = "--control" if config.control else "--control-tcp"
+            where = config.control or config.control_tcp or ""
+            self.control = await _listen(flag, where, start_control(router, config))
 
         # 5. Health and counters for operators.
         if config.admin:
@@ -169,8 +186,14 @@ class Service:
             def counters() -> dict[str, Any]:
                 return control_stats(router.table, [h() for h in router.stats_hooks])
 
-            server = await loop.create_server(
-                lambda: AdminConnection(counters, lambda: proxy.draining), ahost, aport
+            server = await _listen(
+                "--admin",
+                config.admin,
+                loop.create_server(
+                    lambda: AdminConnection(counters, lambda: proxy.draining),
+                    ahost,
+                    aport,
+                ),
             )
             self.servers.append(server)
             self.admin_port = server.sockets[0].getsockname()[1]
@@ -196,6 +219,7 @@ class Service:
             )
             self.demo_url = txn.results[0]["url"]
 
+        self.listening = True
         log.info(
             "edge-router %s listening on %s:%d for *.%s; %s; %d routes",
             __version__,
@@ -219,7 +243,10 @@ class Service:
 
     async def drain(self) -> None:
         """Stop accepting, let requests in flight finish, then close."""
-        log.info("draining")
+        if self.listening:
+            # (A start that failed has nothing to drain.)
+            clients = len(self.proxy.clients) if self.proxy is not None else 0
+            log.info("draining: %d client connections open", clients)
         proxy = self.proxy
         # The internal entry drains like the public one (``begin_drain``
         # below): its tunnels get 1001, not the 1008 of a revoked route.
@@ -241,6 +268,31 @@ class Service:
                 await follower.stop()
             self.router.close()
         log.info("stopped")
+
+
+# Why a listener could not be opened, in words an operator can act on.
+_CANNOT_LISTEN = {
+    errno.EADDRINUSE: "the address is in use by another process",
+    errno.EACCES: "permission denied",
+    errno.EADDRNOTAVAIL: "no interface of this machine has that address",
+}
+
+
+async def _listen(flag: str, value: str, opening: Awaitable[T]) -> T:
+    """``await opening``, its OSError turned into one naming the setting."""
+    try:
+        return await opening
+    except OSError as exc:
+        why = _CANNOT_LISTEN.get(exc.errno or 0)
+        if why is None or flag == "--control":
+            # The control socket's own checks (a live router on the path, a
+            # file in the way) already say what is wrong and where.
+            why = exc.strerror or str(exc)
+        raise RouterError(
+            f"{flag} {value}: {why}; stop what holds it or choose another {flag}"
+            if exc.errno == errno.EADDRINUSE
+            else f"{flag} {value}: {why}"
+        ) from exc
 
 
 def _is_loopback(host: str) -> bool:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import http.client
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from harness import RouterThread, upstream
+
+from router.client import ControlClient
 
 
 @pytest.fixture
@@ -65,3 +68,21 @@ def test_health_says_draining_during_shutdown(router: RouterThread) -> None:
 
 async def _noop() -> None:
     return None
+
+
+def test_stats_count_control_clients_and_watchers(tmp_path: Path) -> None:
+    made = RouterThread(admin="127.0.0.1:0", control=str(tmp_path / "control.sock"))
+    try:
+        admin = made.service.admin_port
+        assert get(admin, "/stats")[1]["watchers"] == 0
+        with ControlClient(str(tmp_path / "control.sock")) as c:
+            events = c.watch()
+            try:
+                next(events)
+                _, stats = get(admin, "/stats")
+                # The client's connection, and the watch's own.
+                assert stats["watchers"] == 1 and stats["control_clients"] == 2
+            finally:
+                events.close()
+    finally:
+        made.stop()

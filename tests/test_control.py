@@ -669,6 +669,42 @@ def test_a_restarted_router_answers_whole_table_requests_in_full(
         router.stop()
 
 
+def test_a_snapshot_made_in_steps_holds_one_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Steps of 4 records: a snapshot of this table takes a dozen turns of
+    # the event loop, and the changes sent meanwhile must all fall wholly
+    # before it or wholly after it.
+    monkeypatch.setattr("router.app.SNAPSHOT_STEP", 4)
+    router = RouterThread(tmp_path).start()
+    try:
+        with ControlClient(router.path) as c:
+            for i in range(30):
+                c.expose_port(f"box-{i % 7}", 8000 + i)
+    finally:
+        router.stop()
+
+    router = RouterThread(tmp_path).start()
+    try:
+        changes = [
+            {"id": i, "op": "expose_port", "sandbox": f"new-{i}", "port": 3001}
+            for i in range(20)
+        ]
+        with Raw(router.path) as writer, Raw(router.path) as reader:
+            writer.send(b"".join(orjson.dumps(c) + b"\n" for c in changes))
+            snap = reader.request({"id": "s", "op": "snapshot"})["result"]
+            versions = [writer.read()["version"] for _ in changes]
+        exposed = {r["sandbox"] for r in snap["routes"]}
+        for i, version in enumerate(versions):
+            assert (f"new-{i}" in exposed) == (version <= snap["version"])
+        assert len(snap["routes"]) == 30 + sum(v <= snap["version"] for v in versions)
+        assert snap["routes"] == sorted(
+            snap["routes"], key=lambda r: (r["sandbox"], r["port"])
+        )
+    finally:
+        router.stop()
+
+
 def test_watch_reply_and_framing(server: RouterThread, client: ControlClient) -> None:
     client.expose_port("w", 8080, token="a")
     with Raw(server.path) as raw:

@@ -125,6 +125,25 @@ def test_every_verb_in_text(
     ]
 
 
+def test_stats_text_names_nested_counters_with_dots(
+    capsys: pytest.CaptureFixture[str], server: RouterThread
+) -> None:
+    # As ``serve`` adds them: the proxy's counters and one entry per worker.
+    server.router.stats_hooks.append(
+        lambda: {
+            "proxy": {"requests": 12, "errors": 0},
+            "workers": [{"worker": 0, "pid": 41, "draining": False}],
+        }
+    )
+    code, out, _ = run(capsys, server, "stats")
+    rows = dict(line.split(None, 1) for line in out.splitlines())
+    assert code == 0
+    assert rows["proxy.requests"] == "12" and rows["proxy.errors"] == "0"
+    assert rows["workers.0.pid"] == "41" and rows["workers.0.draining"] == "false"
+    assert rows["log_oldest"] == "null" and rows["routes"] == "0"
+    assert "{" not in out and "[" not in out
+
+
 # -- JSON output -----------------------------------------------------------------
 
 

@@ -177,6 +177,29 @@ def test_index_set_lookup_remove(twin: ModuleType) -> None:
     assert len(index) == 0
 
 
+def test_index_lookup_into_fills_the_hit_it_is_given(twin: ModuleType) -> None:
+    # What the data path calls: the same answer as ``lookup``, in fields.
+    index = twin.LabelIndex()
+    index.set(b"8080-a-b", 2**40, 7, 8080, 3, 1)
+    index.set(b"3000-a-c", 5, 8, 3000, 0, 0)
+    hit = twin.Hit()
+    assert index.lookup_into(b"8080-a-b", hit) is True
+    assert (hit.route_id, hit.sandbox_slot, hit.port, hit.target_slot, hit.flags) == (
+        2**40,
+        7,
+        8080,
+        3,
+        1,
+    )
+    assert index.lookup_into(b"3000-a-c", hit) is True
+    assert (hit.route_id, hit.port, hit.flags) == (5, 3000, 0)
+    # A miss leaves the last hit's fields alone and says so.
+    assert index.lookup_into(b"3000-a-d", hit) is False
+    assert hit.route_id == 5
+    with pytest.raises(TypeError):
+        index.lookup_into(b"3000-a-c", None)
+
+
 def test_index_reserve_sizes_once_and_keeps_what_is_there(twin: ModuleType) -> None:
     index = twin.LabelIndex()
     index.set(b"1-sb-tok", 1, 1, 8000, 0, 0)
@@ -375,6 +398,7 @@ _index_op = st.one_of(
     st.tuples(st.just("set"), _label_bytes, _value),
     st.tuples(st.just("remove"), _label_bytes),
     st.tuples(st.just("lookup"), _label_bytes),
+    st.tuples(st.just("lookup_into"), _label_bytes),
     st.tuples(st.just("__contains__"), _label_bytes),
     st.tuples(st.just("clear")),
 )
@@ -386,6 +410,11 @@ def _outcome(call: object, *args: object) -> object:
         return ("ok", call(*args))
     except (ValueError, TypeError) as exc:
         return (type(exc).__name__,)
+
+
+def _fields(hit: object) -> tuple[object, ...]:
+    names = ("route_id", "sandbox_slot", "port", "target_slot", "flags")
+    return tuple(getattr(hit, name) for name in names)
 
 
 @settings(deadline=None, max_examples=300)
@@ -401,8 +430,14 @@ def test_index_twins_agree(
             label, value = args
             assert isinstance(value, tuple)
             args = [label, *value]
-        c_out = _outcome(getattr(c_index, str(name)), *args)
-        py_out = _outcome(getattr(py_index, str(name)), *args)
+        if name == "lookup_into":
+            c_hit, py_hit = twins[0].Hit(), twins[1].Hit()
+            c_out = _outcome(c_index.lookup_into, *args, c_hit)
+            py_out = _outcome(py_index.lookup_into, *args, py_hit)
+            assert _fields(c_hit) == _fields(py_hit), op
+        else:
+            c_out = _outcome(getattr(c_index, str(name)), *args)
+            py_out = _outcome(getattr(py_index, str(name)), *args)
         assert c_out == py_out, op
         assert len(c_index) == len(py_index)
     assert c_index.items() == py_index.items()

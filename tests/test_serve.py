@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -146,3 +147,19 @@ def test_a_store_in_use_is_refused_by_a_second_router(tmp_path: Path) -> None:
     # Once the first has stopped, the store is free again.
     with running():
         pass
+
+
+@pytest.mark.parametrize("flag", ["--listen", "--admin", "--control-tcp"])
+def test_an_address_in_use_is_named_with_its_flag(flag: str, tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = f"127.0.0.1:{holder.getsockname()[1]}"
+        flags = ["--state", str(tmp_path / "routes.db"), flag, taken]
+        if flag == "--control-tcp":
+            flags += ["--control-secret", "s" * 32]
+        stderr = serve_refused(*flags)
+    assert f"cannot start: {flag} {taken}: the address is in use" in stderr
+    assert f"choose another {flag}" in stderr
+    # Nothing was serving, so nothing is said to drain.
+    assert "draining" not in stderr and "stopped" in stderr

@@ -14,6 +14,12 @@ cdef struct Entry:
     char label[63]
 
 
+cdef class Hit:
+    cdef public unsigned long long route_id
+    cdef public unsigned int sandbox_slot, target_slot
+    cdef public unsigned short port, flags
+
+
 cdef class LabelIndex:
     # ``slots`` is the open-addressing table: 0 is empty, otherwise the high
     # 32 bits are the entry index + 1 and the low 32 bits the label's hash,
@@ -34,3 +40,4 @@ cdef class LabelIndex:
                   object sandbox_slot_obj, object port_obj,
                   object target_slot_obj, object flags_obj) except -1
     cpdef object lookup(self, bytes label)
+    cpdef bint lookup_into(self, bytes label, Hit hit) except -1

@@ -11,7 +11,7 @@
 cimport cython
 
 from router._chttp cimport RequestHead, ResponseHead
-from router._clabels cimport LabelIndex
+from router._clabels cimport Hit, LabelIndex
 from router._ctunnel cimport Tunnel as CTunnel
 
 
@@ -36,6 +36,7 @@ cdef class Proxy:
     cdef public object config, reserved_ports, table, loop, now, domains
     cdef public object trusted, fallback, _sweeper
     cdef public LabelIndex index
+    cdef public Hit hit
     cdef public list sandbox_names, sandbox_hosts, targets
     cdef public bytearray sandbox_stopped
     cdef public bint internal, access_log, draining
@@ -70,8 +71,9 @@ cdef class ClientConnection:
     @cython.locals(tunnel=CTunnel)
     cpdef data_received(self, object data)
 
-    @cython.locals(proxy=Proxy, head=RequestHead, route_id=cython.longlong,
-                   sandbox_slot=Py_ssize_t, port=int, target_slot=Py_ssize_t,
+    @cython.locals(proxy=Proxy, head=RequestHead, hit=Hit,
+                   route_id=cython.longlong, sandbox_slot=Py_ssize_t, port=int,
+                   target_slot=Py_ssize_t,
                    flags=int)
     cpdef _next_request(self)
 
