@@ -430,7 +430,7 @@ def _note_field(fields: _Fields, name: bytes, value: bytes) -> int:
         if fields.transfer_encoding:
             raise _bad("more than one Transfer-Encoding header")
         if value.lower() != b"chunked":
-            raise _bad("Transfer-Encoding other than chunked")
+            raise _bad("Transfer-Encoding must be exactly chunked")
         fields.transfer_encoding = True
     elif kind == _K_CONNECTION:
         _note_connection(fields, value)
@@ -454,8 +454,10 @@ def _note_content_length(fields: _Fields, value: bytes) -> None:
         if item.strip(b" \t") != first:
             raise _bad("conflicting Content-Length values")
 
-    if not first.isdigit() or len(first) > _MAX_LENGTH_DIGITS:
+    if not first.isdigit() or not first.isascii():
         raise _bad("Content-Length is not a decimal number")
+    if len(first) > _MAX_LENGTH_DIGITS:
+        raise _bad("Content-Length is too large")
 
     fields.content_length_count += 1
     if fields.content_length_count == 1:

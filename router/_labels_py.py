@@ -25,10 +25,11 @@ def host_label(host: bytes, domains: tuple[bytes, ...]) -> bytes | None:
     """The lower-cased first label when ``host`` names one under a domain.
 
     ``host`` is a Host header value as received.  The port is dropped (it
-    must be digits, else ``ValueError``), then one trailing dot, and what is
-    left must be exactly ``label.domain`` for one of ``domains`` (given
-    lower-case, without a trailing dot).  Anything else, the bare domain and
-    deeper names included, is not a preview host: ``None``.
+    must be digits, at most 65535, else ``ValueError``), then one trailing
+    dot, and what is left must be exactly ``label.domain`` for one of
+    ``domains`` (given lower-case, without a trailing dot).  Anything else,
+    the bare domain and deeper names included, is not a preview host:
+    ``None``.
     """
     if host[:1] == b"[":
         # An IPv6 literal is never a preview host; still insist that what
@@ -37,13 +38,13 @@ def host_label(host: bytes, domains: tuple[bytes, ...]) -> bytes | None:
         if end < 0:
             raise ValueError("unterminated IPv6 literal in Host")
         rest = host[end + 1 :]
-        if rest and (rest[:1] != b":" or not _is_digits(rest[1:])):
+        if rest and (rest[:1] != b":" or not _is_port(rest[1:])):
             raise ValueError("bad port in Host")
         return None
 
     colon = host.rfind(b":")
     if colon >= 0:
-        if not _is_digits(host[colon + 1 :]):
+        if not _is_port(host[colon + 1 :]):
             raise ValueError("bad port in Host")
         host = host[:colon]
 
@@ -58,9 +59,12 @@ def host_label(host: bytes, domains: tuple[bytes, ...]) -> bytes | None:
     return host[:dot].lower()
 
 
-def _is_digits(value: bytes) -> bool:
-    # An empty port is allowed by RFC 3986 §3.2.3 (``port = *DIGIT``).
-    return value == b"" or (value.isdigit() and value.isascii())
+def _is_port(value: bytes) -> bool:
+    # An empty port is allowed by RFC 3986 §3.2.3 (``port = *DIGIT``); a
+    # number no TCP port can have is not.
+    if value == b"":
+        return True
+    return value.isdigit() and value.isascii() and int(value) <= 65535
 
 
 class Hit:

@@ -547,6 +547,13 @@ class ClientConnection:
                 "BAD_REQUEST", "X-Sandbox-Id and X-Sandbox-Port headers are required"
             )
             return
+        names = [name.lower() for name, _ in head.headers]
+        if names.count(b"x-sandbox-id") > 1 or names.count(b"x-sandbox-port") > 1:
+            # Two answers to "where to?": refused, as a repeated Host is.
+            self._reply(
+                "BAD_REQUEST", "X-Sandbox-Id and X-Sandbox-Port must each appear once"
+            )
+            return
         table = self.proxy.table
         name = sandbox_id.decode("latin-1").lower()
         try:

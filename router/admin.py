@@ -56,7 +56,9 @@ class AdminConnection(asyncio.Protocol):
         path = request.target.split(b"?", 1)[0]
         if request.method not in (b"GET", b"HEAD"):
             self._send(
-                405, {"error": "Only GET and HEAD", "code": "METHOD_NOT_ALLOWED"}
+                405,
+                {"error": "Only GET and HEAD", "code": "METHOD_NOT_ALLOWED"},
+                [(b"allow", b"GET, HEAD")],  # RFC 9110 §15.5.6: a 405 says so
             )
         elif path == b"/healthz":
             if self.draining():
@@ -68,7 +70,12 @@ class AdminConnection(asyncio.Protocol):
         else:
             self._send(404, {"error": "Try /healthz or /stats", "code": "NOT_FOUND"})
 
-    def _send(self, status: int, payload: dict[str, Any]) -> None:
+    def _send(
+        self,
+        status: int,
+        payload: dict[str, Any],
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         assert self.transport is not None
         body = orjson.dumps(payload)
         out = self.conn.send(
@@ -79,6 +86,7 @@ class AdminConnection(asyncio.Protocol):
                     (b"content-type", b"application/json"),
                     (b"content-length", b"%d" % len(body)),
                     (b"cache-control", b"no-store"),
+                    *(extra or ()),
                 ],
             )
         )

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from . import grammar
 from .config import Config
 from .routes import RouteTable, Transaction, group_by_sandbox
-from .store import Store, claim
+from .store import Store, check_path, claim
 
 if TYPE_CHECKING:
     from .workers import Follower
@@ -66,7 +67,7 @@ class Router:
     def __init__(self, config: Config, public_port: int | None = None) -> None:
         self.config = config
         default_hostname = None
-        domains = config.domain or ["localhost"]
+        domains = [grammar.normalize_domain(d) for d in config.domain or ["localhost"]]
         if public_port is not None and domains[0].split(".")[-1] == "localhost":
             # Local URLs are only useful with the port they are served on.
             default_hostname = f"{domains[0]}:{public_port}"
@@ -105,9 +106,12 @@ class Router:
         """Load the table from ``--state``; raise ``StoreError`` on a bad file."""
         if not self.config.state:
             return
-        self.store = Store(self.config.state, self.config.sync)
+        # Claimed before it is opened: opening may write (a new file's
+        # schema), which is for the one router that holds the store.
+        check_path(self.config.state)
+        self._claim = claim(self.config.state)
         try:
-            self._claim = claim(self.config.state)
+            self.store = Store(self.config.state, self.config.sync)
             load_table(self.store, self.table)
         except BaseException:
             self.close()

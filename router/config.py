@@ -14,6 +14,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from . import grammar
+
 
 @dataclass(slots=True)
 class Config:
@@ -77,20 +79,46 @@ HELP = {
 }
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _convert(name: str, raw: Any, default: Any) -> Any:
+    """``raw`` (a flag's or variable's text, or a TOML value) as the setting's
+    type; ValueError for anything that is not plainly that type.
+
+    A TOML float for a whole number, or a word other than the boolean ones,
+    is refused rather than rounded or read as false: a 1.5-byte body limit
+    or a misspelt ``access_log`` should stop start-up, not change behaviour.
+    """
     if isinstance(default, list):
         items = raw if isinstance(raw, list) else str(raw).split(",")
-        conv = int if name == "reserved_ports" else str
-        return [conv(str(i).strip()) for i in items if str(i).strip()]
+        conv = _whole if name == "reserved_ports" else str
+        return [
+            conv(i if isinstance(i, int) else str(i).strip())
+            for i in items
+            if str(i).strip()
+        ]
     if isinstance(default, bool) or name == "demo":
         if isinstance(raw, bool):
             return raw
-        return str(raw).lower() in ("1", "true", "yes", "on")
+        word = str(raw).lower()
+        if isinstance(raw, str) and word in _TRUE + _FALSE:
+            return word in _TRUE
+        raise ValueError("expected true or false")
     if isinstance(default, int):
-        return int(raw)
+        return _whole(raw)
     if isinstance(default, float):
+        if isinstance(raw, bool):
+            raise ValueError("expected a number")
         return float(raw)
     return None if raw is None else str(raw)
+
+
+def _whole(raw: Any) -> int:
+    if isinstance(raw, bool | float):
+        raise ValueError("expected a whole number")
+    return int(raw)
 
 
 # Bounds of the numeric settings, checked at start-up: a value out of them
@@ -117,7 +145,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _check(name: str, value: Any) -> None:
+def _check(name: str, value: Any) -> Any:
+    """Refuse a value out of bounds (ValueError); the value, normalised."""
     low, high = LIMITS.get(name, (None, None))
     if low is not None and high is not None and not low <= value <= high:
         raise ValueError(f"must be between {low} and {high}")
@@ -125,6 +154,34 @@ def _check(name: str, value: Any) -> None:
         raise ValueError(f"must be one of {', '.join(CHOICES[name])}")
     if name == "reserved_ports" and not all(1 <= p <= 65535 for p in value):
         raise ValueError("ports must be between 1 and 65535")
+    if name in ("listen", "admin") or (
+        name == "internal" and not value.startswith("unix:")
+    ):
+        _host_port(value, lowest=0)
+    if name == "fallback":
+        _host_port(value, lowest=1)
+    if name == "domain":
+        # Lower-case, no trailing dot: the form Host headers are matched in
+        # (and ``localhost`` URLs get their port by).
+        try:
+            return [grammar.normalize_domain(d) for d in value]
+        except ValueError:
+            raise ValueError("must be DNS names such as example.com") from None
+    if name == "trusted_proxy":
+        try:
+            for cidr in value:
+                ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ValueError("must be networks such as 10.0.0.0/8") from None
+    return value
+
+
+def _host_port(value: str, lowest: int) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not port.isascii():
+        raise ValueError("must be HOST:PORT")
+    if not lowest <= int(port) <= 65535:
+        raise ValueError(f"port must be between {lowest} and 65535")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -179,10 +236,10 @@ def load(
         flag = "--" + name.replace("_", "-")
         try:
             value = _convert(name, raw, getattr(defaults, name))
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise SystemExit(f"edge-router: bad value for {flag}: {raw!r}") from exc
         try:
-            _check(name, value)
+            value = _check(name, value)
         except ValueError as exc:
             raise SystemExit(f"edge-router: {flag} {exc}, not {raw!r}") from exc
         setattr(cfg, name, value)

@@ -134,6 +134,13 @@ def decode(line: bytes) -> object:
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError as exc:
+        try:
+            line.decode()
+        except UnicodeDecodeError as bad:
+            where = f"byte {bad.start}"
+            raise RequestError(
+                "INVALID_JSON", f"Request is not UTF-8 (at {where}); JSON must be"
+            ) from exc
         raise RequestError("INVALID_JSON", f"Request is not valid JSON: {exc}") from exc
 
 
@@ -250,8 +257,12 @@ def _json_type(value: object) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
-    if isinstance(value, int | float):
+    if isinstance(value, int):
         return "a number"
+    if isinstance(value, float):
+        # orjson reads an integer past 64 bits as a float, so "must be an
+        # integer, not a number" would puzzle whoever sent 20 digits.
+        return "a fraction or a number too large for 64 bits"
     if isinstance(value, str):
         return "a string"
     if isinstance(value, list):

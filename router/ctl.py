@@ -64,6 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(str(exc))
         return EXIT_USAGE
     secret = args.secret or os.environ.get("EDGE_ROUTER_CONTROL_SECRET")
+    if control.startswith("tcp://") and not secret:
+        _fail(
+            "a tcp:// control address needs the router's secret: set "
+            "EDGE_ROUTER_CONTROL_SECRET (or use --secret)"
+        )
+        return EXIT_USAGE
 
     # 2. One connection, one verb.
     verb: Verb = args.verb
@@ -78,6 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (``ctl snapshot | head``): not a failure of
+        # ours.  Quietly, and without Python's complaint when it flushes
+        # stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,7 +172,7 @@ def _shared_options(parser: argparse.ArgumentParser, default: Any) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=30.0 if default is None else default,
         help="seconds to wait for an answer (default 30)",
     )
@@ -172,15 +185,36 @@ def _shared_options(parser: argparse.ArgumentParser, default: Any) -> None:
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or not text.isascii():
-        raise argparse.ArgumentTypeError(f"port must be a number, not {text!r}")
+    # The spelling is checked here (SPEC §1: canonical decimal), so that
+    # ``08080`` is refused rather than sent as 8080; which ports may be
+    # exposed is the router's to say.
+    if not text.isdigit() or not text.isascii() or text[0] == "0":
+        raise argparse.ArgumentTypeError(
+            f"port must be decimal digits without leading zeros, not {text!r}"
+        )
+    if len(text) > 5:
+        raise argparse.ArgumentTypeError(f"port {text} is out of range")
     return int(text)
 
 
 def _version(text: str) -> int:
     if not text.isdigit() or not text.isascii():
-        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of 0 or more, not {text!r}"
+        )
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400 * 365:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds above 0, not {text!r}"
+        )
+    return value
 
 
 def _fail(message: str) -> None:
@@ -383,10 +417,20 @@ def _ping(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _table(out: TextIO, header: list[str], rows: list[list[str]]) -> None:
+    # A cell is one line of plain text: control characters (a name stored
+    # before names were checked) are shown escaped, never sent to the
+    # terminal as they are.
+    rows = [[_printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
         out.write("  ".join(cells).rstrip() + "\n")
+
+
+def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def _event_message(event: WatchEvent) -> dict[str, Any]:

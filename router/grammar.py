@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import secrets
 import string
+import unicodedata
 
 from .errors import RouteError
 
@@ -24,6 +25,7 @@ MAX_LABEL = 63
 MAX_SANDBOX = 63
 MAX_TOKEN = 16
 GENERATED_TOKEN_LENGTH = 16
+MAX_NAME = 256
 
 _SANDBOX_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 # Unlike the Sandbox SDK we keep ``-`` in tokens: labels are looked up whole,
@@ -101,6 +103,28 @@ def check_token(token: object) -> str:
             f"Token {token!r} may hold only a-z, 0-9, '_' and '-'",
         )
     return token
+
+
+def check_name(name: object) -> str:
+    """Return a port's display name unchanged, or refuse it.
+
+    Names are shown to people (``ctl ls``, dashboards): a control character
+    could rewrite their terminal or split a line of output, and a megabyte
+    of name would ride along in every snapshot and watch message.
+    """
+    if not isinstance(name, str):
+        raise RouteError("INVALID_NAME", "Name must be a string")
+    if len(name) > MAX_NAME:
+        raise RouteError(
+            "INVALID_NAME", f"Name is {len(name)} characters; the limit is {MAX_NAME}"
+        )
+    for ch in name:
+        if unicodedata.category(ch) == "Cc":
+            raise RouteError(
+                "INVALID_NAME",
+                f"Name may not hold control characters such as {ch!r}",
+            )
+    return name
 
 
 def generate_token() -> str:

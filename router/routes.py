@@ -178,7 +178,9 @@ def check_upstream_host(host: object) -> str:
         try:
             return str(ipaddress.ip_address(bare))
         except ValueError:
-            if _DNS_NAME.fullmatch(bare):
+            # A trailing dot (an absolute name) is kept: it tells the
+            # resolver not to try the search domains.
+            if _DNS_NAME.fullmatch(bare[:-1] if bare.endswith(".") else bare):
                 return bare.lower()
     raise RouteError(
         "INVALID_UPSTREAM_HOST",
@@ -478,6 +480,8 @@ class RouteTable:
         url_host = self._hostname(hostname)
         if token is not None:
             token = grammar.check_token(token)
+        if name is not None:
+            grammar.check_name(name)
         if target is not None:
             parse_target(target)
         if host is not None and host not in HOST_POLICIES:

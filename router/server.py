@@ -169,7 +169,10 @@ class Service:
                 )
                 self.internal_port = server.sockets[0].getsockname()[1]
             self.servers.append(server)
-            log.info("internal entry listening on %s", config.internal)
+            where = config.internal
+            if self.internal_port:
+                where = f"{ihost}:{self.internal_port}"  # port 0 → the one bound
+            log.info("internal entry listening on %s", where)
 
         # 4. The control socket.
         if config.control or config.control_tcp:

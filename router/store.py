@@ -75,6 +75,29 @@ def claim(path: str) -> int:
     return fd
 
 
+def check_path(path: str) -> None:
+    """Refuse a ``--state`` path that cannot be a store, saying why.
+
+    SQLite's own word for all of these is "unable to open database file".
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise StoreError(
+            f"Route store {path} is a directory; --state takes a file, "
+            f"such as {os.path.join(path, 'routes.db')}"
+        )
+    if not os.path.exists(directory):
+        raise StoreError(f"Route store {path}: directory {directory} does not exist")
+    if not os.path.isdir(directory):
+        raise StoreError(f"Route store {path}: {directory} is not a directory")
+    # The WAL and lock files live beside the store, so even an existing
+    # store needs a directory this process may write in.
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise StoreError(
+            f"Route store {path}: directory {directory} is not writable by this user"
+        )
+
+
 class Store:
     """One SQLite file holding the route table."""
 
@@ -95,11 +118,7 @@ class Store:
     def _open(self, path: str, synchronous: str) -> sqlite3.Connection:
         if synchronous.upper() not in ("FULL", "NORMAL"):
             raise ValueError("synchronous must be FULL or NORMAL")
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise StoreError(
-                f"Route store {path}: directory {directory} does not exist"
-            )
+        check_path(path)
         db = None
         try:
             # The control layer serialises writers and hands commits to a

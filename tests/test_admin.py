@@ -56,6 +56,13 @@ def test_unknown_paths_and_methods_get_json_errors(router: RouterThread) -> None
     assert status == 404 and body["code"] == "NOT_FOUND"
     status, body = get(admin, "/stats", method="POST")
     assert status == 405 and body["code"] == "METHOD_NOT_ALLOWED"
+    conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
+    try:
+        conn.request("DELETE", "/healthz")
+        response = conn.getresponse()
+        assert response.status == 405 and response.getheader("Allow") == "GET, HEAD"
+    finally:
+        conn.close()
 
 
 def test_health_says_draining_during_shutdown(router: RouterThread) -> None:

@@ -147,6 +147,7 @@ def check_every_operation(c: ControlClient) -> None:
         ({"target": "nowhere"}, "INVALID_TARGET"),
         ({"hostname": "example.com"}, "INVALID_HOSTNAME"),
         ({"host": "keep"}, "INVALID_HOST_POLICY"),
+        ({"name": "a\nb"}, "INVALID_NAME"),
     ]
     for kwargs, code in refusals:
         args = {"sandbox": "box-1", "port": 8082, **kwargs}
@@ -429,9 +430,25 @@ def test_invalid_json_keeps_the_connection(
         if r.name == "edge_router.control" and r.levelno == logging.WARNING
     ]
     assert len(warnings) == 3 and "not valid JSON" in warnings[0].getMessage()
+    assert "Request is not UTF-8 (at byte 0)" in warnings[2].getMessage()
     assert any(
         r.levelno == logging.DEBUG and "connected" in r.getMessage()
         for r in caplog.records
+    )
+
+
+def test_a_number_past_64_bits_is_named_as_such(server: RouterThread) -> None:
+    with Raw(server.path) as raw:
+        raw.send(
+            b'{"id": 1, "op": "unexpose_port", "sandbox": "a", "port": 1'
+            + b"0" * 20
+            + b"}\n"
+        )
+        reply = raw.read()
+    assert reply["error"]["code"] == "INVALID_ARGUMENT"
+    assert reply["error"]["message"] == (
+        "unexpose_port: 'port' must be an integer, "
+        "not a fraction or a number too large for 64 bits"
     )
 
 
@@ -791,7 +808,7 @@ def test_slow_watcher_is_dropped_without_holding_anyone_up(tmp_path: Path) -> No
             assert slow.request({"id": "slow", "op": "watch", "since": 0})["ok"]
             fast = c.watch(0)
             try:
-                # About 1.5 MB of change records; ``slow`` reads none of them.
+                # About 1.3 MB of change records; ``slow`` reads none of them.
                 for i in range(30):
                     c.batch(
                         [
@@ -799,7 +816,7 @@ def test_slow_watcher_is_dropped_without_holding_anyone_up(tmp_path: Path) -> No
                                 "op": "expose_port",
                                 "sandbox": f"s{i}",
                                 "port": p,
-                                "name": "n" * 300,
+                                "name": "n" * 256,
                             }
                             for p in range(8000, 8100)
                         ]

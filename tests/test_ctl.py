@@ -6,6 +6,7 @@ Most cases call ``ctl.main`` in-process (fast, output via capsys); a few run
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -211,6 +212,12 @@ def test_refused_op_exits_1_with_the_code_on_stderr(
         ["watch", "--since", "-1"],
         ["frobnicate"],
         [],
+        # Refused here as the router would refuse them, not sent as 8080.
+        ["expose", "box", "08080"],
+        ["expose", "box", "99999999999999999999999"],
+        ["--timeout", "0", "ping"],
+        ["--timeout", "-1", "ping"],
+        ["ping", "--timeout", "nan"],
     ],
 )
 def test_usage_errors_exit_2(
@@ -229,8 +236,48 @@ def test_unreachable_router_exits_3(
     assert code == 3
     assert "Cannot reach the router" in err and "[UNREACHABLE]" in err
 
-    code = ctl.main(["--control", "tcp://127.0.0.1:1", "ping"])
+    code = ctl.main(["--control", "tcp://127.0.0.1:1", "--secret", "s", "ping"])
     assert code == 3
+
+
+def test_tcp_without_a_secret_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("EDGE_ROUTER_CONTROL_SECRET", raising=False)
+    code = ctl.main(["--control", "tcp://127.0.0.1:1", "ping"])
+    assert code == 2
+    assert "needs the router's secret" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(server: RouterThread) -> None:
+    # ``ctl snapshot | head -1``: the pipe closes under ctl's output, which
+    # is more than a pipe holds (64 KiB), so a write fails.
+    with ControlClient(server.path) as c:
+        c.batch(
+            [
+                {"op": "expose_port", "sandbox": f"box-{i}", "port": 8080}
+                for i in range(2000)
+            ]
+        )
+    with subprocess.Popen(
+        [sys.executable, "-m", "router.ctl", "--control", server.path, "snapshot"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline()
+        proc.stdout.close()
+        err = proc.stderr.read()
+        assert proc.wait(30) == 0
+    assert err == ""
+
+
+def test_text_tables_show_control_characters_escaped() -> None:
+    out = io.StringIO()
+    ctl._table(out, ["NAME", "URL"], [["a\x1b[2Jb\nc", "http://x/"]])
+    assert out.getvalue().splitlines()[1] == "a\\x1b[2Jb\\nc  http://x/"
 
 
 def test_control_address_from_the_environment(

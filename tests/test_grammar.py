@@ -132,6 +132,28 @@ def test_token_missing_refused(token: object) -> None:
     refused("INVALID_TOKEN_FORMAT", grammar.check_token, token)
 
 
+@pytest.mark.parametrize("name", ["web", "Vite dev server", "アプリ 1", "x" * 256])
+def test_name_accepted_unchanged(name: str) -> None:
+    assert grammar.check_name(name) == name
+
+
+def test_name_of_257_characters_refused() -> None:
+    message = refused("INVALID_NAME", grammar.check_name, "n" * 257)
+    assert message == "Name is 257 characters; the limit is 256"
+
+
+@pytest.mark.parametrize(
+    "name", ["\x1b[2Jgone", "two\nlines", "nul\0", "del\x7f", "c1\x85"]
+)
+def test_name_with_a_control_character_refused(name: str) -> None:
+    message = refused("INVALID_NAME", grammar.check_name, name)
+    assert "control characters" in message
+
+
+def test_name_of_another_type_refused() -> None:
+    refused("INVALID_NAME", grammar.check_name, 7)
+
+
 def test_generated_tokens_are_16_lower_alphanumerics_and_differ() -> None:
     tokens = [grammar.generate_token() for _ in range(200)]
     for token in tokens:

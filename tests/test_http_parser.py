@@ -792,6 +792,24 @@ def test_request_fields(http: ModuleType) -> None:
     assert head.get(b"x-missing") is None
 
 
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("Content-Length: 99999999999999999999999", "Content-Length is too large"),
+        ("Content-Length: 12a", "Content-Length is not a decimal number"),
+        ("Content-Length: 1, 2", "conflicting Content-Length values"),
+        ("Transfer-Encoding: chunked, chunked", "must be exactly chunked"),
+        ("Transfer-Encoding: gzip", "must be exactly chunked"),
+    ],
+)
+def test_refusals_say_what_is_wrong(
+    http: ModuleType, header: str, message: str
+) -> None:
+    with pytest.raises(http.ParseError, match=message) as info:
+        http.parse_request(_msg(f"POST / HTTP/1.1|Host: a|{header}||"), MAX_HEAD)
+    assert info.value.status == 400
+
+
 def test_request_buffers(http: ModuleType) -> None:
     raw = _msg("GET / HTTP/1.1|Host: a||")
     for buf in (raw, bytearray(raw), memoryview(raw)):

@@ -137,6 +137,25 @@ def test_missing_headers_are_400(router: RouterThread) -> None:
     assert status == 400
 
 
+def test_repeated_sandbox_headers_are_400(
+    router: RouterThread, recorder: UpstreamServer
+) -> None:
+    router.commit({"op": "set_sandbox", "sandbox": "alpha"})
+    for extra in (
+        f"X-Sandbox-Port: {recorder.port}\r\n",
+        "X-Sandbox-Id: beta\r\n",
+    ):
+        status, _, body = http_request(
+            router.service.internal_port,
+            "x",
+            "/",
+            sandbox_headers("alpha", recorder.port) + extra,
+        )
+        assert status == 400 and error_code(body) == "BAD_REQUEST"
+        assert b"must each appear once" in body
+    assert not recorder.seen
+
+
 def test_configured_reserved_ports_are_400(
     make_router: Callable[..., RouterThread],
 ) -> None:

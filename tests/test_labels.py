@@ -131,6 +131,11 @@ def test_host_label_not_a_preview_host(twin: ModuleType, host: bytes) -> None:
         b"[::1]:8a",
         b"[::1",
         b"[2001:db8::1].localhost",
+        # No TCP port is past 65535, however many digits it is written in.
+        b"a.localhost:65536",
+        b"a.localhost:99999999999999999999",
+        b"a.localhost:0065536",
+        b"[::1]:70000",
     ],
 )
 def test_host_label_bad_port_refused(twin: ModuleType, host: bytes) -> None:

@@ -360,6 +360,8 @@ def test_host_matching_forms(make_router: MakeRouter) -> None:
         for host in (
             f"{label}.preview.test:http",
             f"{label}.preview.test: 80",
+            f"{label}.preview.test:65536",
+            f"{label}.preview.test:99999999999999999999",
             "[::1]x",
         ):
             assert_answer(get(router, host), 400, "BAD_REQUEST")

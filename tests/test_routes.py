@@ -122,6 +122,8 @@ def test_expose_sandbox_id_normalised(table: RouteTable) -> None:
         ({"target": "nowhere"}, "INVALID_TARGET"),
         ({"target": "unix:relative.sock"}, "INVALID_TARGET"),
         ({"host": "keep"}, "INVALID_HOST_POLICY"),
+        ({"name": "\x1b[31mred"}, "INVALID_NAME"),
+        ({"name": "n" * 257}, "INVALID_NAME"),
     ],
 )
 def test_expose_refusals(table: RouteTable, args: dict[str, Any], code: str) -> None:
@@ -386,6 +388,8 @@ def test_set_sandbox_creates_and_updates(table: RouteTable) -> None:
 
     one(table, "set_sandbox", sandbox="new", upstream_host="Box.Internal")
     assert table.sandboxes["new"].upstream_host == "box.internal"
+    one(table, "set_sandbox", sandbox="new", upstream_host="LOCALHOST.")
+    assert table.sandboxes["new"].upstream_host == "localhost."
 
 
 @pytest.mark.parametrize(
@@ -394,6 +398,8 @@ def test_set_sandbox_creates_and_updates(table: RouteTable) -> None:
         ({"state": "paused"}, "INVALID_STATE"),
         ({"upstream_host": "not a host"}, "INVALID_UPSTREAM_HOST"),
         ({"upstream_host": ""}, "INVALID_UPSTREAM_HOST"),
+        ({"upstream_host": "."}, "INVALID_UPSTREAM_HOST"),
+        ({"upstream_host": "a.."}, "INVALID_UPSTREAM_HOST"),
         ({"sandbox": "a_b"}, "INVALID_SANDBOX_ID"),
     ],
 )

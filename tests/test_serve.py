@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from harness import serve_refused
 
-from router import speedups
+from router import config, speedups
 
 
 def test_version_names_the_hot_path() -> None:
@@ -85,6 +85,15 @@ def _check_demo(proc: subprocess.Popen[str]) -> None:
         ("--reserved-ports", "70000", "ports must be between 1 and 65535"),
         ("--sync", "off", "--sync must be one of full, normal"),
         ("--log-level", "loud", "--log-level must be one of debug, info, warning"),
+        # A port past 65535 used to be taken modulo 65536 by the bind.
+        ("--listen", "127.0.0.1:131152", "--listen port must be between 0 and 65535"),
+        ("--admin", "127.0.0.1:83617", "--admin port must be between 0 and 65535"),
+        ("--internal", "127.0.0.1:99999", "--internal port must be between 0"),
+        ("--listen", "8080", "--listen must be HOST:PORT"),
+        ("--fallback", "127.0.0.1:0", "--fallback port must be between 1 and 65535"),
+        ("--domain", "bad domain", "--domain must be DNS names such as example.com"),
+        ("--domain", "*.example.com", "--domain must be DNS names"),
+        ("--trusted-proxy", "300.0.0.0/8", "--trusted-proxy must be networks"),
     ],
 )
 def test_out_of_range_settings_stop_startup(
@@ -102,7 +111,6 @@ def test_out_of_range_settings_stop_startup(
 def test_in_range_extremes_are_taken_by_the_data_path(head: str) -> None:
     import asyncio
 
-    from router import config, speedups
     from router.routes import ForwardingTable
 
     env = {"EDGE_ROUTER_MAX_BODY": str(2**63 - 1), "EDGE_ROUTER_MAX_HEAD": head}
@@ -163,3 +171,41 @@ def test_an_address_in_use_is_named_with_its_flag(flag: str, tmp_path: Path) -> 
     assert f"choose another {flag}" in stderr
     # Nothing was serving, so nothing is said to drain.
     assert "draining" not in stderr and "stopped" in stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("max_body", 1.5),  # was truncated to a one-byte limit
+        ("workers", True),
+        ("access_log", "maybe"),  # was read as false
+        ("head_timeout", True),
+        ("reserved_ports", [3000.5]),
+    ],
+)
+def test_config_file_values_of_the_wrong_type_are_refused(
+    setting: str, value: object, tmp_path: Path
+) -> None:
+    toml = tmp_path / "edge-router.toml"
+    text = "true" if value is True else repr(value).replace("'", '"')
+    toml.write_text(f"{setting} = {text}\n")
+    with pytest.raises(SystemExit) as info:
+        config.load(None, {"EDGE_ROUTER_CONFIG": str(toml)})
+    flag = "--" + setting.replace("_", "-")
+    assert str(info.value).startswith(f"edge-router: bad value for {flag}")
+
+
+def test_config_words_and_numbers_that_are_plainly_right_are_taken(
+    tmp_path: Path,
+) -> None:
+    toml = tmp_path / "edge-router.toml"
+    toml.write_text(
+        'access_log = "off"\nmax_body = 100\ngrace = 2\n'
+        'domain = ["Preview.Example.COM."]\n'
+    )
+    cfg = config.load(
+        None, {"EDGE_ROUTER_CONFIG": str(toml), "EDGE_ROUTER_DEMO": "yes"}
+    )
+    assert cfg.access_log is False and cfg.demo is True
+    assert cfg.max_body == 100 and cfg.grace == 2.0
+    assert cfg.domain == ["preview.example.com"]

@@ -353,6 +353,23 @@ def test_missing_directory_refused(tmp_path: Path) -> None:
     assert "does not exist" in info.value.message
 
 
+def test_a_directory_given_as_the_store_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreError) as info:
+        Store(str(tmp_path))
+    assert info.value.message == (
+        f"Route store {tmp_path} is a directory; --state takes a file, "
+        f"such as {tmp_path / 'routes.db'}"
+    )
+
+
+def test_a_file_where_the_directory_should_be_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("not a directory")
+    target = tmp_path / "index.html" / "routes.db"
+    with pytest.raises(StoreError) as info:
+        Store(str(target))
+    assert info.value.message.endswith(f"{tmp_path / 'index.html'} is not a directory")
+
+
 def test_other_schema_refused(path: Path) -> None:
     Store(str(path)).close()
     db = sqlite3.connect(path)

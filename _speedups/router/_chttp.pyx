@@ -475,7 +475,7 @@ cdef int _note_field(
         if fields.transfer_encoding:
             raise _bad("more than one Transfer-Encoding header")
         if not _same_lower(value, size, b"chunked", 7):
-            raise _bad("Transfer-Encoding other than chunked")
+            raise _bad("Transfer-Encoding must be exactly chunked")
         fields.transfer_encoding = True
     elif kind == _K_CONNECTION:
         _note_connection(fields, value, size)
@@ -523,11 +523,13 @@ cdef int _note_content_length(
         if item.size != first.size or memcmp(item.start, first.start, first.size):
             raise _bad("conflicting Content-Length values")
 
-    if first.size == 0 or first.size > _MAX_LENGTH_DIGITS:
+    if first.size == 0:
         raise _bad("Content-Length is not a decimal number")
     for i in range(first.size):
         if not b"0" <= first.start[i] <= b"9":
             raise _bad("Content-Length is not a decimal number")
+    if first.size > _MAX_LENGTH_DIGITS:
+        raise _bad("Content-Length is too large")
 
     fields.content_length_count += 1
     if fields.content_length_count == 1:

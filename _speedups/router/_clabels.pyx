@@ -27,10 +27,15 @@ cdef inline char _lower(char c) noexcept nogil:
     return c
 
 
-cdef inline bint _digits(const char *p, Py_ssize_t n) noexcept nogil:
+cdef inline bint _port(const char *p, Py_ssize_t n) noexcept nogil:
+    # Empty (RFC 3986 allows it), or digits of a number up to 65535.
     cdef Py_ssize_t i
+    cdef long value = 0
     for i in range(n):
         if not (b"0" <= p[i] <= b"9"):
+            return False
+        value = value * 10 + (p[i] - c"0")
+        if value > 65535:
             return False
     return True
 
@@ -78,17 +83,17 @@ def host_label(bytes host not None, tuple domains not None):
         if end < 0:
             raise ValueError("unterminated IPv6 literal in Host")
         if end + 1 < n and (
-            p[end + 1] != b":" or not _digits(p + end + 2, n - end - 2)
+            p[end + 1] != b":" or not _port(p + end + 2, n - end - 2)
         ):
             raise ValueError("bad port in Host")
         return None
 
-    # 1. Drop the port, which must be digits.
+    # 1. Drop the port, which must be a number up to 65535.
     i = n - 1
     while i >= 0 and p[i] != b":":
         i -= 1
     if i >= 0:
-        if not _digits(p + i + 1, n - i - 1):
+        if not _port(p + i + 1, n - i - 1):
             raise ValueError("bad port in Host")
         n = i
 
