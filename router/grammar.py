@@ -128,10 +128,20 @@ def check_name(name: object) -> str:
 
 
 def generate_token() -> str:
-    """A fresh token: 16 characters of a-z0-9 from the OS CSPRNG."""
-    return "".join(
-        secrets.choice(_TOKEN_ALPHABET) for _ in range(GENERATED_TOKEN_LENGTH)
-    )
+    """A fresh token: 16 characters of a-z0-9 from the OS CSPRNG.
+
+    One read of random bytes for all of them (``secrets.choice`` per
+    character was most of the cost of an expose).  A byte below 252, which
+    is 7 x 36, picks a character uniformly; the few above are skipped.
+    """
+    chars: list[str] = []
+    while len(chars) < GENERATED_TOKEN_LENGTH:
+        chars += [
+            _TOKEN_ALPHABET[b % 36]
+            for b in secrets.token_bytes(GENERATED_TOKEN_LENGTH + 4)
+            if b < 252
+        ]
+    return "".join(chars[:GENERATED_TOKEN_LENGTH])
 
 
 def make_label(port: int, sandbox: str, token: str) -> str:

@@ -42,6 +42,8 @@ HOST_POLICIES = ("rewrite", "preserve")
 SANDBOX_STATES = ("running", "stopped")
 DEFAULT_UPSTREAM_HOST = "127.0.0.1"
 FLAG_PRESERVE_HOST = 1
+# Up to this many ports a sandbox's tokens are found by scanning its ports.
+TOKEN_SCAN_LIMIT = 16
 _DNS_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
@@ -215,6 +217,10 @@ class RouteTable:
         # leaves them there), and where to read them from: see ``_ports``.
         self.unloaded: set[str] = set()
         self.source: RouteSource | None = None
+        # Token → port of each sandbox with many ports, for the token-in-use
+        # check: scanning the ports made a batch of n exposes to one sandbox
+        # cost n² steps.  Small sandboxes are scanned (no memory spent).
+        self.tokens: dict[str, dict[str, int]] = {}
         self.routes = RoutesView(self)
         self.sandboxes: dict[str, Sandbox] = {}
         self.next_route_id = 1
@@ -654,10 +660,16 @@ class RouteTable:
         }
 
     def _token_owner(self, sandbox: str, token: str) -> int | None:
-        for port, route in (self._ports(sandbox) or {}).items():
-            if route.token == token:
-                return port
-        return None
+        ports = self._ports(sandbox) or {}
+        if len(ports) <= TOKEN_SCAN_LIMIT:
+            for port, route in ports.items():
+                if route.token == token:
+                    return port
+            return None
+        tokens = self.tokens.get(sandbox)
+        if tokens is None:
+            tokens = self.tokens[sandbox] = {r.token: p for p, r in ports.items()}
+        return tokens.get(token)
 
     def _fresh_token(self, sandbox: str, port: int) -> str:
         while True:
@@ -723,19 +735,29 @@ class RouteTable:
             ports = self._ports(route.sandbox)
             if ports is None:
                 ports = self.by_sandbox[route.sandbox] = {}
-            if route.port not in ports:
+            old = ports.get(route.port)
+            if old is None:
                 self.routes.count += 1
             ports[route.port] = route
+            tokens = self.tokens.get(route.sandbox)
+            if tokens is not None:
+                if old is not None:
+                    del tokens[old.token]
+                tokens[route.token] = route.port
             if route.route_id >= self.next_route_id:
                 self.next_route_id = route.route_id + 1
             forwarding.put_route(route)
         elif op == "del_route":
             ports = self._ports(rec["sandbox"])
             assert ports is not None
-            del ports[rec["port"]]
+            gone = ports.pop(rec["port"])
             self.routes.count -= 1
+            tokens = self.tokens.get(rec["sandbox"])
+            if tokens is not None:
+                del tokens[gone.token]
             if not ports:
                 del self.by_sandbox[rec["sandbox"]]
+                self.tokens.pop(rec["sandbox"], None)
             forwarding.del_route(rec["label"])
         elif op == "put_sandbox":
             sb = rec["sandbox"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import re
+import string
 
 import pytest
 
@@ -160,6 +162,11 @@ def test_generated_tokens_are_16_lower_alphanumerics_and_differ() -> None:
         assert re.fullmatch(r"[a-z0-9]{16}", token), token
         assert grammar.check_token(token) == token
     assert len(set(tokens)) == len(tokens)
+    # Every character of the alphabet turns up (3,200 draws of 36: missing
+    # one by chance is a 1 in 10^36 event), and none is favoured much.
+    counts = collections.Counter("".join(tokens))
+    assert set(counts) == set(string.ascii_lowercase + string.digits)
+    assert max(counts.values()) < 4 * min(counts.values())
 
 
 # -- label --------------------------------------------------------------

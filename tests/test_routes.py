@@ -758,3 +758,53 @@ def test_replayed_changes_rebuild_the_forwarding_table(
         assert (route.sandbox, route.port) == key
         assert table.label_holder(route.label) == key
     assert {r.sandbox for r in table.routes.values()} <= set(table.sandboxes)
+
+
+def test_token_rules_hold_in_a_sandbox_with_many_ports(table: RouteTable) -> None:
+    # Past TOKEN_SCAN_LIMIT ports a sandbox's tokens are kept in a map; it
+    # must follow every change, refused batches included.
+    for i in range(40):
+        expose(table, "big", 9000 + i, token=f"t{i}")
+    error = refused(
+        "TOKEN_IN_USE",
+        table,
+        [{"op": "expose_port", "sandbox": "big", "port": 8000, "token": "t7"}],
+    )
+    assert error.message == "Token 't7' is already in use by port 9007"
+
+    # Rotation frees the old token and takes the new one.
+    expose(table, "big", 9007, token="new7")
+    expose(table, "big", 8001, token="t7")
+    refused(
+        "TOKEN_IN_USE",
+        table,
+        [{"op": "expose_port", "sandbox": "big", "port": 8002, "token": "new7"}],
+    )
+
+    # Unexposing frees it; a refused batch gives back what it took.
+    one(table, "unexpose_port", sandbox="big", port=9008)
+    refused(
+        "INVALID_PORT",
+        table,
+        [
+            {"op": "expose_port", "sandbox": "big", "port": 8003, "token": "t8"},
+            {"op": "unexpose_port", "sandbox": "big", "port": 9009},
+            {"op": "expose_port", "sandbox": "big", "port": 80},
+        ],
+    )
+    refused(
+        "TOKEN_IN_USE",
+        table,
+        [{"op": "expose_port", "sandbox": "big", "port": 8004, "token": "t9"}],
+    )
+    expose(table, "big", 8003, token="t8")
+
+    # Destroyed and made again: nothing remembered from before.
+    one(table, "destroy_sandbox", sandbox="big")
+    for i in range(20):
+        expose(table, "big", 9100 + i, token=f"t{i}")
+    assert expose(table, "big", 9200, token="t30")["token"] == "t30"
+    assert table.tokens["big"] == {
+        **{f"t{i}": 9100 + i for i in range(20)},
+        "t30": 9200,
+    }
