@@ -9,9 +9,10 @@ It prints one table per question of the issue "Route table, durable store
 and the build", each next to its target:
 
 1. lookup time per hit and per miss: ``LabelIndex.lookup`` called from a
-   Python loop, the same called from compiled code (as ``router._cproxy``
-   calls it, through ``_lookup_from_c.pyx``, built on first use), and the
-   per-request path ``host_label`` + ``lookup`` on a ``ForwardingTable``;
+   Python loop, ``lookup_into`` called from compiled code (as
+   ``router._cproxy`` calls it, through ``_lookup_from_c.pyx``, built on
+   first use), and the per-request path ``host_label`` + ``lookup`` on a
+   ``ForwardingTable``;
 2. memory per route of the ``ForwardingTable`` a worker holds;
 3. time to load 1M routes from the store into a ``RouteTable`` as the
    router starts (``router.app.load_table``), and the memory it takes;
@@ -458,9 +459,10 @@ def main() -> None:
         f"(target <= {TARGET_LOOKUP_NS} ns)"
     )
     print("   'loop' is the bare Python loop over the same fresh arguments;")
-    print("   'index' is lookup called from that loop; 'from C' is lookup called")
-    print("   from compiled code, as the compiled data path calls it (compiled")
-    print("   twin only); 'fwd' is host_label + lookup on a worker's table.")
+    print("   'index' is lookup called from that loop; 'from C' is lookup_into")
+    print("   called from compiled code with a kept Hit, as the compiled data")
+    print("   path calls it (compiled twin only); 'fwd' is host_label + lookup")
+    print("   on a worker's table.")
     print("   '1 read' is one dependent random read in an array as big as the")
     print("   index's (a C pointer chase): a hit makes two such reads (slot, then")
     print("   entry), a miss one, so past the caches this machine's memory")
