@@ -136,7 +136,9 @@ class Router:
             # As at start-up (``load_table``): a million new objects would
             # set off full collections, each holding the event loop for a
             # quarter of a second; once kept, they are frozen out of later
-            # ones.
+            # ones.  This happens once in a process's life (the table is
+            # whole afterwards); what else is frozen with them is only kept
+            # from cycle collection, still freed when its last user lets go.
             gc.disable()
             try:
                 grouped = await asyncio.to_thread(
