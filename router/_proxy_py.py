@@ -214,11 +214,15 @@ class Proxy:
 
     # -- revocation (SPEC §2) -------------------------------------------
 
-    def revoke_routes(self, route_ids: set[int], sandboxes: set[str]) -> None:
-        """A route died or its sandbox stopped: end what it is relaying.
+    def revoke_routes(
+        self, route_ids: set[int], sandboxes: set[str], stopped: set[str]
+    ) -> None:
+        """Routes died or sandboxes stopped or went: end what they relay.
 
         Requests not yet started re-check the table anyway; this handles
-        the ones in flight.  Other routes' connections are not touched.
+        the ones in flight.  Other routes' connections are not touched.  A
+        request still waiting for its response gets the answer a new one
+        would: 410 when only its sandbox stopped, else 404.
         """
         doomed: set[ClientConnection] = set()
         for rid in route_ids:
@@ -229,21 +233,25 @@ class Proxy:
                     doomed.add(conn)
         for conn in doomed:
             self.stats.revoked += 1
-            conn.revoke()
+            stale = conn.sandbox in stopped and conn.route_id not in route_ids
+            conn.revoke("STALE_PREVIEW_URL" if stale else "INVALID_TOKEN")
 
     def on_change(self, message: dict[str, Any]) -> None:
         """Watch message from the route table (applied already)."""
         route_ids: set[int] = set()
         sandboxes: set[str] = set()
+        stopped: set[str] = set()
         for rec in message["changes"]:
             if rec["op"] == "del_route":
                 route_ids.add(rec["route_id"])
             elif rec["op"] == "put_sandbox" and rec["sandbox"]["state"] == "stopped":
                 sandboxes.add(rec["sandbox"]["name"])
+                stopped.add(rec["sandbox"]["name"])
             elif rec["op"] == "del_sandbox":
                 sandboxes.add(rec["name"])
+                stopped.discard(rec["name"])
         if route_ids or sandboxes:
-            self.revoke_routes(route_ids, sandboxes)
+            self.revoke_routes(route_ids, sandboxes, stopped)
 
     # -- upstream pool ---------------------------------------------------
 
@@ -925,8 +933,11 @@ class ClientConnection:
         else:
             self._close()
 
-    def revoke(self) -> None:
-        """This connection's route was revoked while it was relaying."""
+    def revoke(self, answer: str = "INVALID_TOKEN") -> None:
+        """This connection's route was revoked while it was relaying.
+
+        ``answer`` is for a request that has had no response yet.
+        """
         if self.state == TUNNEL:
             if self.tunnel is not None:
                 self.end_tunnel(POLICY_VIOLATION, GOING_AWAY, "route revoked")
@@ -941,7 +952,7 @@ class ClientConnection:
                     up.client = None
                     up.close()
                 self.upstream = None
-                self._reply("INVALID_TOKEN", close=True)
+                self._reply(answer, close=True)
             else:
                 self._arm(DL_GRACE, self.proxy.grace)
 

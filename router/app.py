@@ -9,6 +9,7 @@ then acknowledged, announced to watchers and applied to live connections.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import logging
 import os
@@ -36,6 +37,12 @@ GC_YOUNG_THRESHOLD = 10_000
 
 # Records per step of a snapshot: about 20 ms of work between yields.
 SNAPSHOT_STEP = 10_000
+
+# Operations prepared between two turns of the event loop: about 10 ms.
+PREPARE_STEP = 1000
+
+# A transaction with more changes than this is logged as one line.
+LOG_EACH_CHANGE = 20
 
 
 def tune_gc() -> None:
@@ -83,6 +90,11 @@ class Router:
             tuple[list[dict[str, Any]], bool, asyncio.Future[Transaction]]
         ] = []
         self._flusher: asyncio.Task[None] | None = None
+        # Set while no transaction is between prepare and finish: reads of
+        # routes wait for it, so that they never see a change the store may
+        # still refuse (``settled``).
+        self._settled = asyncio.Event()
+        self._settled.set()
         self.watchers: set[Callable[[dict[str, Any]], None]] = set()
         # Each hook returns counters that ``stats`` on the control socket
         # merges into its answer (the proxy adds its own here).
@@ -98,7 +110,8 @@ class Router:
 
         The table holds a transaction's changes before they are stored, so a
         reader that needs contents and ``version`` to agree (a snapshot, the
-        start of a watch) holds this lock while it reads.
+        start of a watch) holds this lock while it reads.  (The data path
+        sees a change only at ``finish``; see ``RouteTable.pending``.)
         """
         return self._lock
 
@@ -197,18 +210,38 @@ class Router:
             self._flusher = loop.create_task(self._flush(), name="route-commit")
         return await done
 
+    async def settled(self) -> None:
+        """Wait until the table holds only stored changes.
+
+        For reads of routes (``get_exposed_ports``, ``validate_port_token``):
+        between prepare and finish the table already holds a transaction
+        that the store may still refuse.
+        """
+        while self.table.pending:
+            await self._settled.wait()
+
     async def _flush(self) -> None:
         while self._pending:
             group, self._pending = self._pending, []
             async with self._lock:
+                self._settled.clear()
                 try:
                     await self._commit_group(group)
                 except Exception as exc:
                     # A fault of the router itself, not of the request: every
-                    # caller still gets an answer instead of waiting forever.
+                    # caller still gets an answer instead of waiting forever,
+                    # and no reader waits for a transaction left half done.
                     log.exception("route commit failed")
                     for _, _, done in group:
                         _settle(done, exc=exc)
+                    self.table.pending.clear()
+                    self.table.pending_labels.clear()
+                finally:
+                    if not self.table.pending:
+                        self._settled.set()
+            # Readers woken just now run before the next group is prepared,
+            # or a steady stream of changes would keep them waiting.
+            await asyncio.sleep(0)
 
     async def _commit_group(
         self, group: list[tuple[list[dict[str, Any]], bool, asyncio.Future[Any]]]
@@ -219,7 +252,7 @@ class Router:
         version = self.table.version
         for ops, batch, done in group:
             try:
-                txn = self.table.prepare(ops, atomic_index=batch)
+                txn = await self._prepare(ops, batch)
             except Exception as exc:
                 _settle(done, exc=exc)
                 continue
@@ -251,6 +284,25 @@ class Router:
             await self._sync_followers(max(txn.version for txn in changed))
         for txn, done in prepared:
             _settle(done, result=txn)
+
+    async def _prepare(self, ops: list[dict[str, Any]], batch: bool) -> Transaction:
+        """``table.prepare``, letting the event loop run every PREPARE_STEP ops.
+
+        A batch of 60,000 exposes is half a second of work; done in one go
+        it held up every connection of the process that long.  Proxying
+        goes on between the steps on the table as stored.
+        """
+        steps = self.table.prepare_steps(ops, batch, PREPARE_STEP)
+        try:
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    txn: Transaction = done.value
+                    return txn
+                await asyncio.sleep(0)
+        finally:
+            steps.close()  # cancelled between steps: the ops so far undone
 
     async def _sync_followers(self, version: int) -> None:
         followers = list(self.followers)
@@ -290,8 +342,24 @@ class Router:
         self.watchers.add(follower.forward)
 
     def _announce(self, txn: Transaction) -> None:
-        for rec in txn.changes:
-            log.info("route change v%d: %s", txn.version, _describe(rec))
+        changes = txn.changes
+        if len(changes) <= LOG_EACH_CHANGE:
+            for rec in changes:
+                log.info("route change v%d: %s", txn.version, _describe(rec))
+        else:
+            # A bulk change gets one line: a line per change (a hundred
+            # thousand of them, written on the event loop) stalled every
+            # request for most of a second.  Each is still there at debug.
+            kinds = collections.Counter(_KINDS[rec["op"]] for rec in changes)
+            log.info(
+                "route change v%d: %d changes (%s)",
+                txn.version,
+                len(changes),
+                ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())),
+            )
+            if log.isEnabledFor(logging.DEBUG):
+                for rec in changes:
+                    log.debug("route change v%d: %s", txn.version, _describe(rec))
         msg = txn.message()
         for watcher in list(self.watchers):
             # One broken follower or watcher must not stop the others, nor
@@ -308,6 +376,14 @@ class Router:
         if self._claim is not None:
             os.close(self._claim)
             self._claim = None
+
+
+_KINDS = {
+    "put_route": "expose",
+    "del_route": "revoke",
+    "put_sandbox": "sandbox set",
+    "del_sandbox": "sandbox destroyed",
+}
 
 
 def _describe(rec: dict[str, Any]) -> str:

@@ -323,6 +323,8 @@ class ControlServer:
                 async with self.router.lock:
                     snap = await self.router.snapshot()
                 return control.encode(control.ok(rid, snap))
+            if request.op != "ping":
+                await self.router.settled()
             result = control.run_query(self.router.table, request)
             return control.encode(control.ok(rid, result))
         except RouteError as exc:

@@ -28,7 +28,7 @@ import ipaddress
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -232,6 +232,13 @@ class RouteTable:
         self.log_limit = log_size
         self.log_changes = 0
         self.forwarding = ForwardingTable(self.domains)
+        # Transactions prepared but not yet finished or rolled back, and
+        # the labels they moved, holder or None: the forwarding view (what
+        # the data path serves) takes a transaction's changes only in
+        # ``finish``, once the store has them, so a change the store then
+        # refuses was never served.  Label checks read through this.
+        self.pending: set[int] = set()
+        self.pending_labels: dict[str, tuple[str, int] | None] = {}
         self.listeners: list[Callable[[Transaction], None]] = []
 
     # -- loading ---------------------------------------------------------
@@ -368,7 +375,26 @@ class RouteTable:
         table is exactly as before and the error names the op's index when
         ``atomic_index`` (a batch) is set.
         """
+        steps = self.prepare_steps(ops, atomic_index)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                txn: Transaction = done.value
+                return txn
+
+    def prepare_steps(
+        self, ops: list[dict[str, Any]], atomic_index: bool = True, step: int = 0
+    ) -> Generator[None, None, Transaction]:
+        """``prepare`` as a generator that pauses after every ``step`` ops.
+
+        Between steps the IO layer may serve other connections: they see
+        nothing of the transaction, since the forwarding view takes it only
+        at ``finish`` and readers of the table wait while it is ``pending``.
+        The transaction is what the generator returns.
+        """
         txn = Transaction(self.version + 1, [], [])
+        self.pending.add(id(txn))
         for i, op in enumerate(ops):
             try:
                 txn.results.append(self._run(op, txn))
@@ -382,8 +408,16 @@ class RouteTable:
                 # must not leave the ops before it applied.
                 self.rollback(txn)
                 raise
+            if step and (i + 1) % step == 0:
+                try:
+                    yield
+                except BaseException:
+                    # Abandoned halfway (its task was cancelled): undone.
+                    self.rollback(txn)
+                    raise
         if not txn.changes:
             txn.version = self.version
+            self._settled(txn)
         return txn
 
     def rollback(self, txn: Transaction) -> None:
@@ -391,11 +425,15 @@ class RouteTable:
             self._apply(rec)
         txn.undo.clear()
         txn.changes.clear()
+        self._settled(txn)
 
     def finish(self, txn: Transaction) -> None:
-        """The store has the transaction: make it the table's version."""
+        """The store has the transaction: serve it, make it the version."""
         if not txn.changes:
             return
+        for rec in txn.changes:
+            self._forward(rec)
+        self._settled(txn)
         self.version = txn.version
         msg = txn.message()
         self.log.append(msg)
@@ -536,7 +574,12 @@ class RouteTable:
                 txn, {"op": "put_sandbox", "sandbox": Sandbox(sandbox).to_record()}
             )
         if current is not None:
+            # A rotation changes the URL, not where it leads: what the call
+            # leaves out is kept, as for a re-expose with the same token.
             self._change(txn, self._del_record(current))
+            name = current.name if name is None else name
+            target = current.target if target is None else target
+            host = current.host if host is None else host
         route = Route(
             sandbox,
             port,
@@ -630,6 +673,8 @@ class RouteTable:
 
     def label_holder(self, label: str) -> tuple[str, int] | None:
         """(sandbox, port) of the route whose label is ``label``."""
+        if label in self.pending_labels:
+            return self.pending_labels[label]
         forwarding = self.forwarding
         hit = forwarding.index.lookup(label.encode())
         if hit is None:
@@ -723,13 +768,12 @@ class RouteTable:
         return {"op": "put_sandbox", "sandbox": prev.to_record()}
 
     def _apply(self, rec: Record) -> None:
-        """The one place the table's contents change.
+        """The one place the table's routes and sandboxes change.
 
-        The forwarding view is updated from the same objects (not by
-        re-reading the record) so each change builds its Route once.
+        The forwarding view follows in ``finish`` (``_forward``); until
+        then the labels moved here are noted in ``pending_labels``.
         """
         op = rec["op"]
-        forwarding = self.forwarding
         if op == "put_route":
             route = Route.from_record(rec["route"])
             ports = self._ports(route.sandbox)
@@ -746,7 +790,7 @@ class RouteTable:
                 tokens[route.token] = route.port
             if route.route_id >= self.next_route_id:
                 self.next_route_id = route.route_id + 1
-            forwarding.put_route(route)
+            self.pending_labels[route.label] = (route.sandbox, route.port)
         elif op == "del_route":
             ports = self._ports(rec["sandbox"])
             assert ports is not None
@@ -758,15 +802,37 @@ class RouteTable:
             if not ports:
                 del self.by_sandbox[rec["sandbox"]]
                 self.tokens.pop(rec["sandbox"], None)
+            self.pending_labels[rec["label"]] = None
+        elif op == "put_sandbox":
+            sb = rec["sandbox"]
+            self.sandboxes[sb["name"]] = Sandbox(
+                sb["name"], sb["upstream_host"], sb["state"]
+            )
+        else:
+            del self.sandboxes[rec["name"]]
+
+    def _forward(self, rec: Record) -> None:
+        """Apply one stored change to the forwarding view."""
+        op = rec["op"]
+        forwarding = self.forwarding
+        if op == "put_route":
+            forwarding.put_route(Route.from_record(rec["route"]))
+        elif op == "del_route":
             forwarding.del_route(rec["label"])
         elif op == "put_sandbox":
             sb = rec["sandbox"]
-            sandbox = Sandbox(sb["name"], sb["upstream_host"], sb["state"])
-            self.sandboxes[sandbox.name] = sandbox
-            forwarding.put_sandbox(sandbox)
+            forwarding.put_sandbox(
+                Sandbox(sb["name"], sb["upstream_host"], sb["state"])
+            )
         else:
-            del self.sandboxes[rec["name"]]
             forwarding.del_sandbox(rec["name"])
+
+    def _settled(self, txn: Transaction) -> None:
+        # With nothing left in flight the forwarding view is the whole
+        # truth again, and the notes of moved labels can go.
+        self.pending.discard(id(txn))
+        if not self.pending:
+            self.pending_labels.clear()
 
 
 class RouteSource(Protocol):

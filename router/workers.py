@@ -77,6 +77,7 @@ class Follower:
         # Called when the process exits without being asked to (the primary
         # then starts a replacement: ``Router.replace_follower``).
         self.on_exit: Callable[[Follower], object] | None = None
+        self.gone = False  # its output has ended (it exited or is exiting)
 
     @property
     def alive(self) -> bool:
@@ -121,6 +122,7 @@ class Follower:
         )
         self.acked = -1
         self.stats = None
+        self.gone = False
         self._reader = asyncio.get_running_loop().create_task(
             self._read(), name=f"follower-{self.number}"
         )
@@ -191,11 +193,14 @@ class Follower:
                 else:
                     keep.append((wanted, done))
             self._waiters = keep
-        code = await self.proc.wait()
+        # Its output ended: it will ack nothing more, so nobody waits for it
+        # (``synced`` refuses at once from now on, not after its timeout).
+        self.gone = True
         for _, done in self._waiters:
             if not done.done():
                 done.set_exception(ConnectionError("worker exited"))
         self._waiters = []
+        code = await self.proc.wait()
         if not self.stopping:
             log.error("worker %d exited with %s", self.number, code)
             if self.on_exit is not None:
@@ -205,6 +210,8 @@ class Follower:
         """Wait until the follower has applied ``version``."""
         if self.acked >= version:
             return
+        if self.gone:
+            raise ConnectionError("worker exited")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((version, done))
         await asyncio.wait_for(done, timeout)

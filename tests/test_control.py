@@ -1060,3 +1060,22 @@ def test_stopping_closes_every_client(tmp_path: Path) -> None:
     finally:
         idle.close()
         watching.close()
+
+
+def test_route_changes_are_logged_one_line_each_or_one_per_bulk(
+    server: RouterThread, client: ControlClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="edge_router")
+    client.expose_port("few", 8080)
+    client.batch(
+        [
+            {"op": "expose_port", "sandbox": f"bulk-{i}", "port": 8080}
+            for i in range(500)
+        ]
+    )
+    lines = [r.getMessage() for r in caplog.records if "route change" in r.getMessage()]
+    assert lines[:2] == [
+        "route change v1: sandbox few running upstream 127.0.0.1",
+        "route change v1: expose few:8080 (route 1)",
+    ]
+    assert lines[2:] == ["route change v2: 1000 changes (500 expose, 500 sandbox set)"]

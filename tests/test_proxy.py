@@ -7,12 +7,15 @@ where the exact bytes matter, ``http.client`` and curl elsewhere.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
+import sqlite3
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +30,8 @@ from harness import (
     router_factory,
     upstream,
 )
+
+from router.client import ControlClient
 
 INVALID_TOKEN_MESSAGE = "Access denied: Invalid token or port not exposed"
 
@@ -774,3 +779,52 @@ def test_idle_keep_alive_connection_is_closed(make_router: MakeRouter) -> None:
             # 0.5 s, checked by the once-a-second sweep.
             assert wire.closed_within(4)
             assert wire.buf == b""
+
+
+def test_a_change_is_served_and_read_only_once_stored(
+    make_router: MakeRouter, tmp_path: Path
+) -> None:
+    state = tmp_path / "routes.db"
+    control_path = str(tmp_path / "control.sock")
+    router = make_router(state=str(state), control=control_path)
+    with upstream() as up:
+        old = router.host(router.expose("sb", up.port, token="old"))
+        new = old.replace("-old.", "-new.")
+
+        # Another process holds the store's write lock, so the rotation
+        # waits for it between prepare and commit.
+        blocker = sqlite3.connect(state, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        assert router.service.router is not None
+        op = {"op": "expose_port", "sandbox": "sb", "port": up.port, "token": "new"}
+        rotating = asyncio.run_coroutine_threadsafe(
+            router.service.router.commit([op]), router.loop
+        )
+        read: list[bool] = []
+        try:
+            table = router.service.router.table
+            deadline = time.monotonic() + 5
+            while getattr(table.route("sb", up.port), "token", None) != "new":
+                assert time.monotonic() < deadline, "the change was not prepared"
+                time.sleep(0.01)
+
+            # Not stored, so not served, and not read back either.
+            assert get(router, old).status == 200
+            assert_answer(get(router, new), 404, "INVALID_TOKEN")
+
+            def validate() -> None:
+                with ControlClient(control_path) as c:
+                    read.append(c.validate_port_token("sb", up.port, "new"))
+
+            reader = threading.Thread(target=validate)
+            reader.start()
+            reader.join(0.3)
+            assert read == []
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        rotating.result(10)
+        reader.join(10)
+        assert read == [True]
+        assert get(router, new).status == 200
+        assert_answer(get(router, old), 404, "INVALID_TOKEN")

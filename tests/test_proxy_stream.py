@@ -558,9 +558,18 @@ def test_stop_and_destroy_answer_on_the_same_connection(
             assert wire.response().json()["code"] == "INVALID_TOKEN"
 
 
+@pytest.mark.parametrize(
+    ("change", "status", "code"),
+    [
+        ({"op": "unexpose_port", "port": None}, 404, "INVALID_TOKEN"),
+        ({"op": "set_sandbox", "state": "stopped"}, 410, "STALE_PREVIEW_URL"),
+        ({"op": "destroy_sandbox"}, 404, "INVALID_TOKEN"),
+    ],
+)
 def test_revoked_request_waiting_for_its_head_gets_the_new_answer(
-    make_router: MakeRouter,
+    make_router: MakeRouter, change: dict[str, Any], status: int, code: str
 ) -> None:
+    # The answer a new request would get at that moment.
     router = make_router()
 
     def silent(peer: Peer) -> None:
@@ -572,10 +581,16 @@ def test_revoked_request_waiting_for_its_head_gets_the_new_answer(
         with Wire(router.port) as wire:
             wire.send(request_bytes(host))
             assert wait_for(lambda: up.heads)
-            router.commit({"op": "unexpose_port", "sandbox": "sb", "port": up.port})
+            op = {**change, "sandbox": "sb"}
+            if "port" in op:
+                op["port"] = up.port
+            router.commit(op)
             response = wire.response()
-            assert response.status == 404
-            assert response.json()["code"] == "INVALID_TOKEN"
+            assert response.status == status
+            assert response.json()["code"] == code
+        with Wire(router.port) as wire:
+            wire.send(request_bytes(host))
+            assert wire.response().json()["code"] == code
 
 
 REVOCATIONS: dict[str, Callable[[RouterThread, int], None]] = {

@@ -200,6 +200,37 @@ def test_expose_new_token_rotates_and_kills_the_old_url(table: RouteTable) -> No
     assert table.validate_port_token("sb", 8080, "new")
 
 
+def test_rotation_keeps_name_target_and_host_unless_given(table: RouteTable) -> None:
+    expose(
+        table,
+        "sb",
+        8080,
+        token="first",
+        name="web",
+        target="127.0.0.1:9999",
+        host="preserve",
+    )
+    expose(table, "sb", 8080, token="second")
+    route = table.route("sb", 8080)
+    assert route is not None and route.token == "second"
+    assert (route.name, route.target, route.host) == (
+        "web",
+        "127.0.0.1:9999",
+        "preserve",
+    )
+    hit = table.forwarding.index.lookup(b"8080-sb-second")
+    assert hit is not None and table.forwarding.targets[hit[3]] == ("127.0.0.1", 9999)
+
+    expose(table, "sb", 8080, token="third", name="api", host="rewrite")
+    route = table.route("sb", 8080)
+    assert route is not None
+    assert (route.name, route.target, route.host) == (
+        "api",
+        "127.0.0.1:9999",
+        "rewrite",
+    )
+
+
 def test_expose_rotation_to_a_generated_token_is_not_possible(
     table: RouteTable,
 ) -> None:
@@ -808,3 +839,68 @@ def test_token_rules_hold_in_a_sandbox_with_many_ports(table: RouteTable) -> Non
         **{f"t{i}": 9100 + i for i in range(20)},
         "t30": 9200,
     }
+
+
+def test_the_forwarding_view_takes_a_change_only_at_finish(table: RouteTable) -> None:
+    expose(table, "sb", 8080, token="old")
+    rotate = {"op": "expose_port", "sandbox": "sb", "port": 8080, "token": "new"}
+    first = table.prepare([rotate, {**rotate, "sandbox": "a-b", "token": "c"}])
+    # Prepared, not stored: the data path still serves the old URL ...
+    assert resolve(table, b"8080-sb-old.example.com")
+    assert resolve(table, b"8080-sb-new.example.com") is None
+    assert resolve(table, b"8080-a-b-c.example.com") is None
+    # ... while the rules already see the new ones: a transaction prepared
+    # behind it cannot take a label it takes.
+    assert table.label_holder("8080-sb-new") == ("sb", 8080)
+    assert table.label_holder("8080-sb-old") is None
+    with pytest.raises(RouteError) as info:
+        table.prepare([{**rotate, "sandbox": "a", "token": "b-c"}])
+    assert info.value.code == "LABEL_CONFLICT"
+    assert table.pending == {id(first)}
+
+    table.finish(first)
+    assert resolve(table, b"8080-sb-old.example.com") is None
+    assert resolve(table, b"8080-sb-new.example.com")
+    assert resolve(table, b"8080-a-b-c.example.com")
+    assert table.pending == set() and table.pending_labels == {}
+
+
+def test_a_rolled_back_transaction_was_never_served(table: RouteTable) -> None:
+    expose(table, "sb", 8080, token="keep")
+    items = table.forwarding.index.items()
+    txn = table.prepare(
+        [
+            {"op": "unexpose_port", "sandbox": "sb", "port": 8080},
+            {"op": "expose_port", "sandbox": "other", "port": 9090, "token": "t"},
+            {"op": "set_sandbox", "sandbox": "sb", "state": "stopped"},
+        ]
+    )
+    assert table.forwarding.index.items() == items
+    assert resolve(table, b"8080-sb-keep.example.com")
+    table.rollback(txn)
+    assert table.forwarding.index.items() == items
+    assert table.label_holder("8080-sb-keep") == ("sb", 8080)
+    assert table.label_holder("9090-other-t") is None
+    assert table.pending == set() and table.pending_labels == {}
+
+
+def test_prepare_in_steps_pauses_and_can_be_abandoned(table: RouteTable) -> None:
+    ops = [{"op": "expose_port", "sandbox": "sb", "port": 8000 + i} for i in range(5)]
+    steps = table.prepare_steps(ops, True, step=2)
+    assert next(steps) is None and next(steps) is None
+    with pytest.raises(StopIteration) as done:
+        next(steps)
+    txn = done.value.value
+    assert len(txn.results) == 5 and table.pending == {id(txn)}
+    table.finish(txn)
+    assert len(table.routes) == 5 and table.pending == set()
+
+    # Closed after a step (its task was cancelled): nothing of it is left.
+    before = table.snapshot()
+    more = [{**op, "sandbox": "other"} for op in ops]
+    steps = table.prepare_steps(more, True, step=2)
+    next(steps)
+    assert table.route("other", 8000) is not None
+    steps.close()
+    assert table.snapshot() == before
+    assert table.pending == set() and table.pending_labels == {}

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import free_port, upstream
+from harness import RouterThread, free_port, upstream
 
 from router.client import ControlClient
 
@@ -269,3 +269,23 @@ def test_route_changes_under_load_drop_no_request(
         rotated = f"9000-sb-{last_token}.localhost"
         assert [fetch(port, rotated) for _ in range(10)] != [404] * 10
         assert [fetch(port, "9000-sb-r0.localhost") for _ in range(10)] == [404] * 10
+
+
+def test_a_worker_that_is_gone_is_not_waited_for(tmp_path: Path) -> None:
+    # A change made just after a worker died used to wait out the whole
+    # acknowledgement timeout (2 s) before the worker was replaced.
+    router = RouterThread(workers=2, state=str(tmp_path / "routes.db"))
+    try:
+        assert router.service.router is not None
+        (follower,) = router.service.router.followers
+        assert follower.proc is not None
+        follower.on_exit = None  # not replaced at once: this is about synced
+        os.kill(follower.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while follower.alive:
+            assert time.monotonic() < deadline, "the worker's exit went unseen"
+            time.sleep(0.02)
+        with pytest.raises(ConnectionError, match="worker exited"):
+            router.call(follower.synced(follower.acked + 1))
+    finally:
+        router.stop()
