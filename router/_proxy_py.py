@@ -239,17 +239,18 @@ class Proxy:
     def on_change(self, message: dict[str, Any]) -> None:
         """Watch message from the route table (applied already)."""
         route_ids: set[int] = set()
-        sandboxes: set[str] = set()
-        stopped: set[str] = set()
+        # Each sandbox's state once the whole message is applied: a batch
+        # that stops a sandbox and starts it again leaves it running.
+        final: dict[str, str] = {}
         for rec in message["changes"]:
             if rec["op"] == "del_route":
                 route_ids.add(rec["route_id"])
-            elif rec["op"] == "put_sandbox" and rec["sandbox"]["state"] == "stopped":
-                sandboxes.add(rec["sandbox"]["name"])
-                stopped.add(rec["sandbox"]["name"])
+            elif rec["op"] == "put_sandbox":
+                final[rec["sandbox"]["name"]] = rec["sandbox"]["state"]
             elif rec["op"] == "del_sandbox":
-                sandboxes.add(rec["name"])
-                stopped.discard(rec["name"])
+                final[rec["name"]] = "destroyed"
+        stopped = {name for name, state in final.items() if state == "stopped"}
+        sandboxes = {name for name, state in final.items() if state != "running"}
         if route_ids or sandboxes:
             self.revoke_routes(route_ids, sandboxes, stopped)
 

@@ -20,6 +20,7 @@ import orjson
 
 from . import grammar
 from .config import Config
+from .errors import RouteError
 from .routes import RouteTable, Transaction, group_by_sandbox
 from .store import Store, check_path, claim
 
@@ -34,6 +35,9 @@ log = logging.getLogger("edge_router")
 # the table's older objects again; ten thousand keeps it out of the way and
 # still bounds how long cyclic garbage lives.
 GC_YOUNG_THRESHOLD = 10_000
+
+# A queued ``commit`` call: its ops, whether they are a batch, its answer.
+_Request = tuple[list[dict[str, Any]], bool, "asyncio.Future[Any]"]
 
 # Records per step of a snapshot: about 20 ms of work between yields.
 SNAPSHOT_STEP = 10_000
@@ -86,9 +90,7 @@ class Router:
         self.store: Store | None = None
         self._claim: int | None = None  # the store's lock file (store.claim)
         self._lock = asyncio.Lock()
-        self._pending: list[
-            tuple[list[dict[str, Any]], bool, asyncio.Future[Transaction]]
-        ] = []
+        self._pending: list[_Request] = []
         self._flusher: asyncio.Task[None] | None = None
         # Set while no transaction is between prepare and finish: reads of
         # routes wait for it, so that they never see a change the store may
@@ -223,43 +225,60 @@ class Router:
     async def _flush(self) -> None:
         while self._pending:
             group, self._pending = self._pending, []
-            async with self._lock:
-                self._settled.clear()
-                try:
-                    await self._commit_group(group)
-                except Exception as exc:
-                    # A fault of the router itself, not of the request: every
-                    # caller still gets an answer instead of waiting forever,
-                    # and no reader waits for a transaction left half done.
-                    log.exception("route commit failed")
-                    for _, _, done in group:
-                        _settle(done, exc=exc)
-                    self.table.pending.clear()
-                    self.table.pending_labels.clear()
-                finally:
-                    if not self.table.pending:
-                        self._settled.set()
+            # Shielded: a group once begun is seen through (stored and
+            # served, or rolled back) even if this task is cancelled, since
+            # its store write, in a thread, would go on regardless.
+            await asyncio.shield(self._commit_locked(group))
             # Readers woken just now run before the next group is prepared,
             # or a steady stream of changes would keep them waiting.
             await asyncio.sleep(0)
 
-    async def _commit_group(
-        self, group: list[tuple[list[dict[str, Any]], bool, asyncio.Future[Any]]]
-    ) -> None:
-        # 1. Prepare each in turn, each against the table as the ones before
-        #    it left it; a refused one is rolled back on its own.
-        prepared: list[tuple[Transaction, asyncio.Future[Any]]] = []
-        version = self.table.version
-        for ops, batch, done in group:
+    async def _commit_locked(self, group: list[_Request]) -> None:
+        async with self._lock:
+            self._settled.clear()
             try:
-                txn = await self._prepare(ops, batch)
+                await self._commit_group(group)
             except Exception as exc:
-                _settle(done, exc=exc)
-                continue
-            if txn.changes:
-                version += 1
-            txn.version = version
-            prepared.append((txn, done))
+                # A fault of the router itself, not of the request: every
+                # caller still gets an answer instead of waiting forever.
+                log.exception("route commit failed")
+                for _, _, done in group:
+                    _settle(done, exc=exc)
+            finally:
+                if not self.table.pending:
+                    self._settled.set()
+
+    async def _commit_group(self, group: list[_Request]) -> None:
+        # 1. Prepare each in turn, each against the table as the ones before
+        #    it left it; a refused one is rolled back on its own.  A refusal
+        #    that may come of an earlier one not yet stored (its token, its
+        #    label) is not final: that request goes again in the next group,
+        #    against the table as stored.
+        prepared: list[tuple[Transaction, asyncio.Future[Any]]] = []
+        again: list[_Request] = []
+        version = self.table.version
+        try:
+            for ops, batch, done in group:
+                try:
+                    txn = await self._prepare(ops, batch)
+                except RouteError as exc:
+                    if any(t.changes for t, _ in prepared):
+                        again.append((ops, batch, done))
+                    else:
+                        _settle(done, exc=exc)
+                    continue
+                except Exception as exc:
+                    _settle(done, exc=exc)
+                    continue
+                if txn.changes:
+                    version += 1
+                txn.version = version
+                prepared.append((txn, done))
+        except BaseException:
+            self._roll_back(prepared)
+            raise
+        finally:
+            self._pending[:0] = again
 
         # 2. One durable write for all of them, or none of them.
         changed = [txn for txn, _ in prepared if txn.changes]
@@ -269,8 +288,7 @@ class Router:
             except Exception as exc:
                 # StoreError, or anything else the write raised: either way
                 # nothing may be acknowledged that the store does not hold.
-                for txn, _ in reversed(prepared):
-                    self.table.rollback(txn)
+                self._roll_back(prepared)
                 log.error("route changes not stored; rolled back: %s", exc)
                 for _, done in prepared:
                     _settle(done, exc=exc)
@@ -284,6 +302,10 @@ class Router:
             await self._sync_followers(max(txn.version for txn in changed))
         for txn, done in prepared:
             _settle(done, result=txn)
+
+    def _roll_back(self, prepared: list[tuple[Transaction, Any]]) -> None:
+        for txn, _ in reversed(prepared):
+            self.table.rollback(txn)
 
     async def _prepare(self, ops: list[dict[str, Any]], batch: bool) -> Transaction:
         """``table.prepare``, letting the event loop run every PREPARE_STEP ops.

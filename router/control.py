@@ -319,10 +319,13 @@ def run_query(table: RouteTable, request: Request) -> Any:
 
 def stats(table: RouteTable, extra: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
     """The table's counters, then each ``extra`` mapping merged over them."""
+    # Counted in the forwarding view: what is stored and served, at
+    # ``version`` (the table's own maps hold changes still being stored).
+    forwarding = table.forwarding
     out: dict[str, Any] = {
         "version": table.version,
-        "routes": len(table.routes),
-        "sandboxes": len(table.sandboxes),
+        "routes": len(forwarding.index),
+        "sandboxes": len(forwarding.sandbox_slots),
         "log_oldest": table.log[0]["version"] if table.log else None,
         "log_size": len(table.log),
     }

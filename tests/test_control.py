@@ -1079,3 +1079,101 @@ def test_route_changes_are_logged_one_line_each_or_one_per_bulk(
         "route change v1: expose few:8080 (route 1)",
     ]
     assert lines[2:] == ["route change v2: 1000 changes (500 expose, 500 sandbox set)"]
+
+
+def test_stats_count_what_is_stored(tmp_path: Path) -> None:
+    table = RouteTable(("localhost",))
+    table.run([{"op": "expose_port", "sandbox": "a", "port": 8080}])
+    txn = table.prepare([{"op": "expose_port", "sandbox": "b", "port": 8080}])
+    # Prepared, not yet stored: not counted, like the version.
+    counts = control.stats(table)
+    assert (counts["version"], counts["routes"], counts["sandboxes"]) == (1, 1, 1)
+    table.finish(txn)
+    counts = control.stats(table)
+    assert (counts["version"], counts["routes"], counts["sandboxes"]) == (2, 2, 2)
+
+
+def test_a_refusal_caused_by_a_change_the_store_refused_is_not_final(
+    tmp_path: Path,
+) -> None:
+    # Two requests in one group: the second's token is taken by the first,
+    # which the store then refuses.  The second is tried again, against
+    # the table as stored, and succeeds.
+    async def main() -> tuple[object, object]:
+        router = Router(Config(state=str(tmp_path / "routes.db")))
+        router.open_store()
+        assert router.store is not None
+        store_commit = router.store.commit_many
+        calls: list[int] = []
+
+        def first_write_fails(txns: list[Any]) -> None:
+            calls.append(len(txns))
+            if len(calls) == 1:
+                raise StoreError("Route store: write failed: disk full")
+            store_commit(txns)
+
+        router.store.commit_many = first_write_fails  # type: ignore[method-assign]
+        try:
+            return tuple(
+                await asyncio.gather(
+                    router.commit(
+                        [
+                            {
+                                "op": "expose_port",
+                                "sandbox": "sb",
+                                "port": 8080,
+                                "token": "t1",
+                            }
+                        ]
+                    ),
+                    router.commit(
+                        [
+                            {
+                                "op": "expose_port",
+                                "sandbox": "sb",
+                                "port": 8081,
+                                "token": "t1",
+                            }
+                        ]
+                    ),
+                    return_exceptions=True,
+                )
+            )
+        finally:
+            router.close()
+
+    first, second = asyncio.run(main())
+    assert isinstance(first, StoreError)
+    assert not isinstance(second, BaseException)
+    assert second.results[0]["port"] == 8081 and second.results[0]["token"] == "t1"
+
+
+def test_a_group_once_begun_is_seen_through_if_its_task_is_cancelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("router.app.PREPARE_STEP", 1)
+
+    async def main() -> None:
+        router = Router(Config(state=str(tmp_path / "routes.db")))
+        router.open_store()
+        try:
+            ops = [
+                {"op": "expose_port", "sandbox": "sb", "port": 8000 + i}
+                for i in range(5)
+            ]
+            change = asyncio.ensure_future(router.commit(ops, batch=True))
+            while not router.table.pending:
+                await asyncio.sleep(0)
+            assert router._flusher is not None
+            router._flusher.cancel()  # as a loop torn down mid-batch would
+
+            txn = await asyncio.wait_for(change, 5)
+            await asyncio.wait_for(router.settled(), 5)
+            assert len(txn.results) == 5 and router.table.version == 1
+            assert len(router.table.forwarding.index) == 5
+            assert router.store is not None
+            assert len(router.store.all_routes()) == 5
+        finally:
+            router.close()
+
+    asyncio.run(main())

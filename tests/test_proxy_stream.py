@@ -593,6 +593,34 @@ def test_revoked_request_waiting_for_its_head_gets_the_new_answer(
             assert wire.response().json()["code"] == code
 
 
+def test_a_batch_that_leaves_the_sandbox_running_revokes_nothing(
+    make_router: MakeRouter,
+) -> None:
+    # Stopped and started again in one transaction: no stored state ever
+    # had it stopped, so the request in flight gets its response.
+    router = make_router()
+    go = threading.Event()
+
+    def slow(peer: Peer) -> None:
+        peer.read_head()
+        go.wait(10)
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    with ScriptedUpstream(slow) as up:
+        host = router.host(router.expose("sb", up.port))
+        with Wire(router.port) as wire:
+            wire.send(request_bytes(host))
+            assert wait_for(lambda: up.heads)
+            router.commit(
+                {"op": "set_sandbox", "sandbox": "sb", "state": "stopped"},
+                {"op": "set_sandbox", "sandbox": "sb", "state": "running"},
+                batch=True,
+            )
+            go.set()
+            response = wire.response()
+            assert (response.status, response.body) == (200, b"ok")
+
+
 REVOCATIONS: dict[str, Callable[[RouterThread, int], None]] = {
     "unexpose": lambda r, port: r.commit(
         {"op": "unexpose_port", "sandbox": "doomed", "port": port}
