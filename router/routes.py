@@ -431,8 +431,9 @@ class RouteTable:
         """The store has the transaction: serve it, make it the version."""
         if not txn.changes:
             return
+        apply = self.forwarding.apply
         for rec in txn.changes:
-            self._forward(rec)
+            apply(rec)
         self._settled(txn)
         self.version = txn.version
         msg = txn.message()
@@ -770,7 +771,7 @@ class RouteTable:
     def _apply(self, rec: Record) -> None:
         """The one place the table's routes and sandboxes change.
 
-        The forwarding view follows in ``finish`` (``_forward``); until
+        The forwarding view follows in ``finish`` (``ForwardingTable.apply``); until
         then the labels moved here are noted in ``pending_labels``.
         """
         op = rec["op"]
@@ -810,22 +811,6 @@ class RouteTable:
             )
         else:
             del self.sandboxes[rec["name"]]
-
-    def _forward(self, rec: Record) -> None:
-        """Apply one stored change to the forwarding view."""
-        op = rec["op"]
-        forwarding = self.forwarding
-        if op == "put_route":
-            forwarding.put_route(Route.from_record(rec["route"]))
-        elif op == "del_route":
-            forwarding.del_route(rec["label"])
-        elif op == "put_sandbox":
-            sb = rec["sandbox"]
-            forwarding.put_sandbox(
-                Sandbox(sb["name"], sb["upstream_host"], sb["state"])
-            )
-        else:
-            forwarding.del_sandbox(rec["name"])
 
     def _settled(self, txn: Transaction) -> None:
         # With nothing left in flight the forwarding view is the whole
@@ -929,7 +914,17 @@ class ForwardingTable:
     def apply(self, rec: Record) -> None:
         op = rec["op"]
         if op == "put_route":
-            self.put_route(Route.from_record(rec["route"]))
+            # From the record's fields, not through a Route: this runs for
+            # every change, in the router and in each worker.
+            r = rec["route"]
+            self._put(
+                f"{r['port']}-{r['sandbox']}-{r['token']}",
+                r["route_id"],
+                r["sandbox"],
+                r["port"],
+                r["target"],
+                r["host"],
+            )
         elif op == "del_route":
             self.del_route(rec["label"])
         elif op == "put_sandbox":
@@ -972,20 +967,31 @@ class ForwardingTable:
         return SandboxView(name, host, bool(self.sandbox_stopped[slot]))
 
     def put_route(self, route: Route) -> None:
-        label = route.label.encode()
-        old = self.index.lookup(label)
+        self._put(
+            route.label,
+            route.route_id,
+            route.sandbox,
+            route.port,
+            route.target,
+            route.host,
+        )
+
+    def _put(
+        self,
+        label: str,
+        route_id: int,
+        sandbox: str,
+        port: int,
+        target: str | None,
+        host: str,
+    ) -> None:
+        key = label.encode()
+        old = self.index.lookup(key)
         if old is not None:
             self._release_target(old[3])
-        tslot = self._target_slot(route.target) if route.target else 0
-        flags = FLAG_PRESERVE_HOST if route.host == "preserve" else 0
-        self.index.set(
-            label,
-            route.route_id,
-            self.sandbox_slots[route.sandbox],
-            route.port,
-            tslot,
-            flags,
-        )
+        tslot = self._target_slot(target) if target else 0
+        flags = FLAG_PRESERVE_HOST if host == "preserve" else 0
+        self.index.set(key, route_id, self.sandbox_slots[sandbox], port, tslot, flags)
 
     def del_route(self, label: str) -> None:
         key = label.encode()
