@@ -375,13 +375,12 @@ class RouteTable:
         table is exactly as before and the error names the op's index when
         ``atomic_index`` (a batch) is set.
         """
-        steps = self.prepare_steps(ops, atomic_index)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                txn: Transaction = done.value
-                return txn
+        try:
+            next(self.prepare_steps(ops, atomic_index))  # step 0: no pause
+        except StopIteration as done:
+            txn: Transaction = done.value
+            return txn
+        raise AssertionError("prepare_steps paused without a step size")
 
     def prepare_steps(
         self, ops: list[dict[str, Any]], atomic_index: bool = True, step: int = 0
