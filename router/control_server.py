@@ -229,6 +229,11 @@ class ControlServer:
             await self._serve_requests(reader, writer, peer)
         except (ConnectionError, TimeoutError):
             pass
+        except asyncio.CancelledError:
+            # ``close`` cancels every client and waits for them.  Ended
+            # quietly: asyncio's stream server (3.11) logs a traceback for
+            # a client task that ends cancelled.
+            pass
         except Exception:
             log.exception("control client %s: unexpected failure", peer)
         finally:
