@@ -116,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     expose.add_argument("port", type=_port)
     expose.add_argument("--token", help="custom token (default: keep or generate)")
     expose.add_argument("--name", help="a name for the port")
-    expose.add_argument("--target", help="HOST:PORT or unix:/PATH to send traffic to")
+    expose.add_argument(
+        "--target",
+        help="HOST:PORT or unix:/PATH to send traffic to ('' for the sandbox's own)",
+    )
     expose.add_argument("--host", choices=("rewrite", "preserve"), help="Host policy")
     expose.add_argument("--hostname", help="domain of the URL (default: the first)")
 

@@ -526,7 +526,7 @@ class RouteTable:
             token = grammar.check_token(token)
         if name is not None:
             grammar.check_name(name)
-        if target is not None:
+        if target is not None and target != "":
             parse_target(target)
         if host is not None and host not in HOST_POLICIES:
             raise RouteError(
@@ -560,7 +560,7 @@ class RouteTable:
                 token,
                 current.name if name is None else name,
                 current.exposed_at,
-                current.target if target is None else target,
+                current.target if target is None else target or None,
                 current.host if host is None else host,
                 current.route_id,
             )
@@ -586,7 +586,7 @@ class RouteTable:
             token,
             name,
             now_iso(),
-            target,
+            target or None,  # "" clears a target: the sandbox's own port again
             host or "rewrite",
             self.next_route_id,
         )

@@ -231,6 +231,50 @@ def test_rotation_keeps_name_target_and_host_unless_given(table: RouteTable) -> 
     )
 
 
+def test_an_empty_target_sends_the_port_back_to_its_sandbox(table: RouteTable) -> None:
+    expose(table, "sb", 8080, token="tok", target="127.0.0.1:9999", name="web")
+    assert resolve(table, b"8080-sb-tok.example.com") == (
+        "sb",
+        8080,
+        ("127.0.0.1", 9999),
+        0,
+        False,
+        "127.0.0.1",
+    )
+
+    # Same token: the route stays (no revocation), only where it leads.
+    txn = table.run(
+        [
+            {
+                "op": "expose_port",
+                "sandbox": "sb",
+                "port": 8080,
+                "token": "tok",
+                "target": "",
+            }
+        ]
+    )
+    assert [c["op"] for c in txn.changes] == ["put_route"]
+    route = table.route("sb", 8080)
+    assert route is not None and (route.target, route.name) == (None, "web")
+    assert resolve(table, b"8080-sb-tok.example.com") == (
+        "sb",
+        8080,
+        None,
+        0,
+        False,
+        "127.0.0.1",
+    )
+
+    # And with a rotation, or on a new route.
+    expose(table, "sb", 8081, token="a", target="127.0.0.1:9998")
+    expose(table, "sb", 8081, token="b", target="")
+    expose(table, "sb", 8082, target="")
+    for port in (8081, 8082):
+        route = table.route("sb", port)
+        assert route is not None and route.target is None
+
+
 def test_expose_rotation_to_a_generated_token_is_not_possible(
     table: RouteTable,
 ) -> None:
