@@ -12,7 +12,7 @@ The server (``router.control_server``) then acts on the request's ``kind``:
   and ``change_result`` turns the transaction into the reply's result;
 * ``QUERY`` is answered from the table by ``run_query``;
 * ``STATS`` and ``WATCH`` need the server's own state (clients, watchers),
-  with ``stats`` and ``watch_start`` doing the table's part.
+  with ``stats``, ``watch_backlog`` and ``watch_snapshot`` doing the table's part.
 
 Replies and stream messages are built here too, so the framing of the
 protocol lives in one file.  Nothing in this module does IO or logs.
@@ -137,9 +137,9 @@ def decode(line: bytes) -> object:
         try:
             line.decode()
         except UnicodeDecodeError as bad:
-            where = f"byte {bad.start}"
             raise RequestError(
-                "INVALID_JSON", f"Request is not UTF-8 (at {where}); JSON must be"
+                "INVALID_JSON",
+                f"Request is not UTF-8 (at byte {bad.start}); JSON must be",
             ) from exc
         raise RequestError("INVALID_JSON", f"Request is not valid JSON: {exc}") from exc
 
@@ -304,14 +304,16 @@ def change_result(request: Request, txn: Transaction) -> Any:
 
 
 def run_query(table: RouteTable, request: Request) -> Any:
-    """Answer a ``QUERY`` request from the table; may raise ``RouteError``."""
+    """Answer a ``QUERY`` request from the table; may raise ``RouteError``.
+
+    Not ``snapshot``: the IO layer builds that one in steps
+    (``Router.snapshot``).
+    """
     args = request.args
     if request.op == "get_exposed_ports":
         return table.get_exposed_ports(args["sandbox"], args.get("hostname"))
     if request.op == "validate_port_token":
         return table.validate_port_token(args["sandbox"], args["port"], args["token"])
-    if request.op == "snapshot":
-        return table.snapshot()
     if request.op == "ping":
         return "pong"
     raise AssertionError(f"{request.op} is not a query")
@@ -349,22 +351,26 @@ class WatchStart:
     messages: list[dict[str, Any]]
 
 
-def watch_start(
-    table: RouteTable, since: int | None, snapshot: dict[str, Any] | None = None
-) -> WatchStart:
-    """``snapshot``: the table's, if the caller has made it already."""
-    if since is not None:
-        backlog = table.changes_since(since)
-        if backlog is not None:
-            return WatchStart(table.version, False, backlog)
-    snap = table.snapshot() if snapshot is None else snapshot
+def watch_backlog(table: RouteTable, since: int | None) -> WatchStart | None:
+    """The start of a watch that resumes from the change log; None when it
+    must start from a snapshot instead (``watch_snapshot``)."""
+    if since is None:
+        return None
+    backlog = table.changes_since(since)
+    if backlog is None:
+        return None
+    return WatchStart(table.version, False, backlog)
+
+
+def watch_snapshot(snap: dict[str, Any], since: int | None) -> WatchStart:
+    """The start of a watch from ``snap``, the table's snapshot."""
     message: dict[str, Any] = {"version": snap["version"], "snapshot": snap}
     if since is not None:
         # The log no longer reaches back to ``since`` (or ``since`` is ahead
         # of this router, which means its store was replaced): the follower
         # must drop what it holds and start over from the snapshot.
         message["resync"] = True
-    return WatchStart(table.version, since is not None, [message])
+    return WatchStart(snap["version"], since is not None, [message])
 
 
 # -- replies and stream messages -----------------------------------------------

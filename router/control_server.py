@@ -391,11 +391,10 @@ class ControlServer:
         since = request.args.get("since")
         async with self.router.lock:
             try:
-                table = self.router.table
-                snap = None
-                if since is None or table.changes_since(since) is None:
+                start = control.watch_backlog(self.router.table, since)
+                if start is None:
                     snap = await self.router.snapshot()
-                start = control.watch_start(table, since, snap)
+                    start = control.watch_snapshot(snap, since)
             except StoreError as exc:
                 # The snapshot could not be read (a table still partly in
                 # its store): an answer, and no watch left registered.
