@@ -254,24 +254,19 @@ class RouteTable:
         The router itself starts with ``load_index``; this one holds every
         route in memory from the start (tests compare the two).
         """
-        by_sandbox = self.by_sandbox
-        rows = []
-        for route in routes_in:
-            ports = by_sandbox.get(route.sandbox)
-            if ports is None:
-                ports = by_sandbox[route.sandbox] = {}
-            ports[route.port] = route
-            flags = FLAG_PRESERVE_HOST if route.host == "preserve" else 0
-            rows.append(
-                (
-                    route.sandbox,
-                    route.port,
-                    route.token,
-                    route.route_id,
-                    route.target,
-                    flags,
-                )
+        routes = list(routes_in)
+        self.by_sandbox.update(group_by_sandbox(routes))
+        rows = [
+            (
+                r.sandbox,
+                r.port,
+                r.token,
+                r.route_id,
+                r.target,
+                FLAG_PRESERVE_HOST if r.host == "preserve" else 0,
             )
+            for r in routes
+        ]
         self._fill(version, sandboxes, rows)
 
     def load_index(
