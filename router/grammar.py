@@ -194,7 +194,11 @@ def is_local_hostname(hostname: str) -> bool:
     return name == "localhost" or name.endswith(".localhost")
 
 
+def url_scheme(hostname: str) -> str:
+    """https, or http for localhost-style hosts."""
+    return "http" if is_local_hostname(hostname) else "https"
+
+
 def build_url(label: str, hostname: str) -> str:
-    """The public URL of a label: https, or http for localhost-style hosts."""
-    scheme = "http" if is_local_hostname(hostname) else "https"
-    return f"{scheme}://{label}.{hostname}/"
+    """The public URL of a label."""
+    return f"{url_scheme(hostname)}://{label}.{hostname}/"

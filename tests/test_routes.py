@@ -529,6 +529,25 @@ def test_batch_applies_all_in_one_version(table: RouteTable) -> None:
     assert resolve(table, b"8081-sb-b.example.com")[5] == "10.0.0.1"
 
 
+def test_ports_a_batch_exposes_share_one_exposed_at(
+    table: RouteTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A clock that moves on at every reading.
+    ticks = iter(f"2026-01-01T00:00:0{n}.000Z" for n in range(10))
+    monkeypatch.setattr(routes, "now_iso", lambda: next(ticks))
+    txn = table.run(
+        [
+            {"op": "expose_port", "sandbox": "sb", "port": 8080},
+            {"op": "expose_port", "sandbox": "sb", "port": 8081},
+            {"op": "expose_port", "sandbox": "other", "port": 8080},
+        ],
+        atomic_index=True,
+    )
+    assert {r["exposedAt"] for r in txn.results} == {"2026-01-01T00:00:00.000Z"}
+    later = expose(table, "sb", 8082)
+    assert later["exposedAt"] == "2026-01-01T00:00:01.000Z"
+
+
 @pytest.mark.parametrize(
     ("bad", "code"),
     [
@@ -562,6 +581,7 @@ def test_batch_is_all_or_none(
     ]
     version = table.version
     error = refused(code, table, ops)
+    assert table.pending_labels == {}
     assert error.index == len(ops) - 1
     assert error.to_dict()["index"] == len(ops) - 1
     assert table.version == version

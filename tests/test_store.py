@@ -291,11 +291,17 @@ def test_a_write_that_fails_half_way_writes_nothing(path: Path) -> None:
     before = stored_rows(path)
     snapshot = table.snapshot()
 
+    # The database refuses the route's row, after the sandbox's row went in.
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON routes WHEN NEW.sandbox = 'b'"
+        " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+    )
+    db.commit()
+    db.close()
     txn = table.prepare([{"op": "expose_port", "sandbox": "b", "port": 8080}])
-    # A record the schema refuses (token NOT NULL), after good ones.
-    bad = {"op": "put_route", "route": {**txn.changes[-1]["route"], "token": None}}
-    txn.changes.append(bad)
-    with pytest.raises(StoreError, match=str(path)):
+    assert [rec["op"] for rec in txn.changes] == ["put_sandbox", "put_route"]
+    with pytest.raises(StoreError, match="refused by the test"):
         store.commit(txn)
     table.rollback(txn)
     assert stored_rows(path) == before
@@ -378,6 +384,72 @@ def test_other_schema_refused(path: Path) -> None:
     db.close()
     with pytest.raises(StoreError, match="schema 99"):
         Store(str(path))
+
+
+# Schema 1, as routers before schema 2 wrote it: the same tables with rowids.
+SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE sandboxes (
+    name TEXT PRIMARY KEY, upstream_host TEXT NOT NULL, state TEXT NOT NULL
+);
+CREATE TABLE routes (
+    sandbox TEXT NOT NULL, port INTEGER NOT NULL, token TEXT NOT NULL, name TEXT,
+    exposed_at TEXT NOT NULL, target TEXT, host TEXT NOT NULL,
+    route_id INTEGER NOT NULL, PRIMARY KEY (sandbox, port)
+);
+INSERT INTO meta VALUES ('schema', 1), ('version', 7);
+INSERT INTO sandboxes VALUES
+    ('sb1', '127.0.0.1', 'stopped'), ('sb2', '10.0.0.2', 'running');
+INSERT INTO routes VALUES
+    ('sb1', 8080, 'tok-one', 'web', '2026-01-02T03:04:05.006Z', NULL, 'rewrite', 3),
+    ('sb2', 5173, 'tok-two', NULL, '2026-01-02T03:04:05.007Z', '127.0.0.1:9000',
+     'preserve', 5);
+"""
+
+
+def test_schema_1_store_is_moved_to_schema_2_with_every_route(path: Path) -> None:
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_1)
+    db.close()
+
+    store, table = open_table(path)
+    assert table.version == 7
+    assert table.routes[("sb1", 8080)].name == "web"
+    assert table.routes[("sb2", 5173)].target == "127.0.0.1:9000"
+    assert table.routes[("sb2", 5173)].host == "preserve"
+    assert table.sandboxes["sb1"].state == "stopped"
+    assert table.forwarding.index.lookup(b"8080-sb1-tok-one") is not None
+
+    # It keeps working as a schema 2 store: a change, a reopen.
+    txn = table.prepare([{"op": "expose_port", "sandbox": "sb1", "port": 3001}])
+    store.commit(txn)
+    table.finish(txn)
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == (2,)
+    tables = db.execute("SELECT sql FROM sqlite_master WHERE type='table'").fetchall()
+    db.close()
+    assert all("WITHOUT ROWID" in sql for (sql,) in tables if "meta" not in sql)
+    again = eager_table(path)
+    assert sorted(again.routes) == [("sb1", 3001), ("sb1", 8080), ("sb2", 5173)]
+    assert again.version == 8
+
+
+def test_schema_1_store_that_cannot_be_moved_is_left_as_it_was(path: Path) -> None:
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_1)
+    # A leftover table with the name the move needs: it fails halfway.
+    db.execute("CREATE TABLE routes_2 (x)")
+    db.execute("INSERT INTO routes_2 VALUES (1)")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="cannot move it from schema 1"):
+        Store(str(path))
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == (1,)
+    assert db.execute("SELECT count(*) FROM routes").fetchone() == (2,)
+    assert db.execute("SELECT count(*) FROM sandboxes").fetchone() == (2,)
+    db.close()
 
 
 def test_someone_elses_database_refused(path: Path) -> None:
