@@ -4,6 +4,7 @@ Run from the repository root, after ``python setup.py build_ext --inplace``::
 
     python bench/table_bench.py                 # 10k, 100k and 1M routes
     python bench/table_bench.py --sizes 10000   # a quick look
+    python bench/table_bench.py --only changes  # one section
 
 It prints one table per question of the issue "Route table, durable store
 and the build", each next to its target:
@@ -431,35 +432,8 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="10000,100000,1000000")
-    parser.add_argument("--load-routes", type=int, default=1_000_000)
-    parser.add_argument("--batches", type=int, default=100)
-    parser.add_argument(
-        "--rounds", type=int, default=5, help="rounds of the change-rate runs"
-    )
-    parser.add_argument(
-        "--store-dir",
-        default=os.path.join(tempfile.gettempdir(), "edge-router-table-bench"),
-    )
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        run_child(json.loads(args.child))
-        return
-
-    from router import speedups
-
-    sizes = [int(s) for s in args.sizes.split(",")]
-    print(
-        f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {speedups.describe()}"
-    )
-    print(f"labels of {len(label_of(0))} bytes, {PORTS_PER_SANDBOX} routes per sandbox")
-    # Other work on the machine shows up in every figure: say how much.
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"load average at start: {load}")
-
+def lookup_section(args: argparse.Namespace) -> None:
+    """1. Lookup time per hit and per miss, at each size."""
     print(
         f"\n1. Lookup, ns per call, best of {REPEATS} x {PROBES} calls "
         f"(target <= {TARGET_LOOKUP_NS} ns)"
@@ -490,7 +464,7 @@ def main() -> None:
             *head
         )
     )
-    for n in sizes:
+    for n in args.sizes:
         for twin in TWINS:
             r = child("lookup", twin, n)
             c_hit, c_miss = r.get("c_hit"), r.get("c_miss")
@@ -509,7 +483,10 @@ def main() -> None:
                 f"  {verdict(best <= TARGET_LOOKUP_NS)}"
             )
 
-    n = max(sizes)
+
+def memory_section(args: argparse.Namespace) -> None:
+    """2. Memory per route of a worker's table, at the largest size."""
+    n = max(args.sizes)
     print(
         f"\n2. Memory per route of a worker's ForwardingTable, {n:,} routes "
         f"(target <= {TARGET_BYTES_PER_ROUTE} bytes)"
@@ -530,6 +507,9 @@ def main() -> None:
             f"  {verdict(traced['after_hits'] <= TARGET_BYTES_PER_ROUTE)}"
         )
 
+
+def load_section(args: argparse.Namespace) -> None:
+    """3. Time to load the store as the router starts."""
     n = args.load_routes
     path = store_path(Path(args.store_dir), n)
     if not path.exists():
@@ -571,6 +551,9 @@ def main() -> None:
             f"  {verdict(r['total'] <= TARGET_LOAD_S)}"
         )
 
+
+def changes_section(args: argparse.Namespace) -> None:
+    """4. Batched change rate: rounds of pinned children, medians."""
     total = args.batches * BATCH
     print(
         f"\n4. Batched changes: {total:,} expose_port in {BATCH}-op batches, "
@@ -603,6 +586,56 @@ def main() -> None:
             f" {r['prepare_us']:>11.1f} {r['commit_us']:>10.1f}"
             f"  {verdict(r['rate'] >= TARGET_CHANGES_PER_S)}"
         )
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "lookup": lookup_section,
+    "memory": memory_section,
+    "load": load_section,
+    "changes": changes_section,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--load-routes", type=int, default=1_000_000)
+    parser.add_argument("--batches", type=int, default=100)
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="rounds of the change-rate runs"
+    )
+    parser.add_argument(
+        "--store-dir",
+        default=os.path.join(tempfile.gettempdir(), "edge-router-table-bench"),
+    )
+    parser.add_argument(
+        "--only",
+        default="lookup,memory,load,changes",
+        help="sections to run, comma-separated (default: all four)",
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run_child(json.loads(args.child))
+        return
+
+    from router import speedups
+
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    wrong = set(args.only.split(",")) - set(SECTIONS)
+    if wrong:
+        parser.error(f"--only takes {', '.join(SECTIONS)}, not {', '.join(wrong)}")
+    print(
+        f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {speedups.describe()}"
+    )
+    print(f"labels of {len(label_of(0))} bytes, {PORTS_PER_SANDBOX} routes per sandbox")
+    # Other work on the machine shows up in every figure: say how much.
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"load average at start: {load}")
+
+    for section in args.only.split(","):
+        SECTIONS[section](args)
+
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\nload average at end: {load}")
 

@@ -106,8 +106,12 @@ class LabelIndex:
         port: int,
         target_slot: int,
         flags: int,
-    ) -> None:
-        """Insert ``label`` or replace its value."""
+    ) -> int | None:
+        """Insert ``label`` or replace its value.
+
+        The target slot of the value replaced, or None for a new label: the
+        caller keeps targets' reference counts, and needs no lookup first.
+        """
         _check_label(label)
         if not 0 <= route_id <= _U63:
             raise ValueError("route_id out of range")
@@ -115,7 +119,10 @@ class LabelIndex:
             raise ValueError("slot out of range")
         if not (0 <= port <= _U16 and 0 <= flags <= _U16):
             raise ValueError("port or flags out of range")
-        self._map[bytes(label)] = (route_id, sandbox_slot, port, target_slot, flags)
+        key = bytes(label)
+        old = self._map.get(key)
+        self._map[key] = (route_id, sandbox_slot, port, target_slot, flags)
+        return None if old is None else old[3]
 
     def load_rows(
         self,

@@ -972,15 +972,18 @@ class ForwardingTable:
             self.del_route(rec["label"])
         elif op == "put_sandbox":
             sb = rec["sandbox"]
-            self.put_sandbox(Sandbox(sb["name"], sb["upstream_host"], sb["state"]))
+            self._put_sandbox(sb["name"], sb["upstream_host"], sb["state"] == "stopped")
         else:
             self.del_sandbox(rec["name"])
 
     def put_sandbox(self, sb: Sandbox) -> None:
+        self._put_sandbox(sb.name, sb.upstream_host, sb.state == "stopped")
+
+    def _put_sandbox(self, name: str, upstream_host: str, stopped: bool) -> None:
         # Nearly every sandbox has the same upstream host; a snapshot read
         # from JSON would otherwise hold one copy of it per sandbox.
-        host = self._hosts.setdefault(sb.upstream_host, sb.upstream_host)
-        slot = self.sandbox_slots.get(sb.name)
+        host = self._hosts.setdefault(upstream_host, upstream_host)
+        slot = self.sandbox_slots.get(name)
         if slot is None:
             if self._free_sandbox_slots:
                 slot = self._free_sandbox_slots.pop()
@@ -989,10 +992,10 @@ class ForwardingTable:
                 self.sandbox_names.append(None)
                 self.sandbox_hosts.append(None)
                 self.sandbox_stopped.append(0)
-            self.sandbox_slots[sb.name] = slot
-        self.sandbox_names[slot] = sb.name
+            self.sandbox_slots[name] = slot
+        self.sandbox_names[slot] = name
         self.sandbox_hosts[slot] = host
-        self.sandbox_stopped[slot] = sb.state == "stopped"
+        self.sandbox_stopped[slot] = stopped
 
     def del_sandbox(self, name: str) -> None:
         slot = self.sandbox_slots.pop(name)
@@ -1028,13 +1031,15 @@ class ForwardingTable:
         target: str | None,
         host: str,
     ) -> None:
-        key = label.encode()
-        old = self.index.lookup(key)
-        if old is not None:
-            self._release_target(old[3])
         tslot = self._target_slot(target) if target else 0
         flags = FLAG_PRESERVE_HOST if host == "preserve" else 0
-        self.index.set(key, route_id, self.sandbox_slots[sandbox], port, tslot, flags)
+        old = self.index.set(
+            label.encode(), route_id, self.sandbox_slots[sandbox], port, tslot, flags
+        )
+        if old is not None:
+            # Released after the new target is taken: a route that keeps
+            # its target keeps its slot.
+            self._release_target(old)
 
     def del_route(self, label: str) -> None:
         key = label.encode()

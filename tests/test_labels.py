@@ -164,7 +164,8 @@ def test_index_set_lookup_remove(twin: ModuleType) -> None:
     assert len(index) == 0
     assert index.lookup(b"8080-a-b") is None
 
-    index.set(b"8080-a-b", 7, 1, 8080, 0, 1)
+    # ``set`` answers with the target slot it replaced: None for a new label.
+    assert index.set(b"8080-a-b", 7, 1, 8080, 0, 1) is None
     assert len(index) == 1
     assert b"8080-a-b" in index
     assert b"8080-a-c" not in index
@@ -172,9 +173,10 @@ def test_index_set_lookup_remove(twin: ModuleType) -> None:
     # Repeated hits give the same answer.
     assert index.lookup(b"8080-a-b") == (7, 1, 8080, 0, 1)
 
-    index.set(b"8080-a-b", 8, 2, 8080, 3, 0)
+    assert index.set(b"8080-a-b", 8, 2, 8080, 3, 0) == 0
     assert len(index) == 1
     assert index.lookup(b"8080-a-b") == (8, 2, 8080, 3, 0)
+    assert index.set(b"8080-a-b", 8, 2, 8080, 5, 0) == 3
 
     assert index.remove(b"8080-a-b") is True
     assert index.remove(b"8080-a-b") is False

@@ -36,8 +36,8 @@ cdef class LabelIndex:
     cdef int _grow_slots(self, uint64_t size) except -1
     cdef int _grow_entries(self) except -1
     cdef int _resize_entries(self, uint32_t size) except -1
-    cdef int _put(self, const char *p, Py_ssize_t n, object route_id_obj,
-                  object sandbox_slot_obj, object port_obj,
-                  object target_slot_obj, object flags_obj) except -1
+    cdef long long _put(self, const char *p, Py_ssize_t n, object route_id_obj,
+                        object sandbox_slot_obj, object port_obj,
+                        object target_slot_obj, object flags_obj) except -2
     cpdef object lookup(self, bytes label)
     cpdef bint lookup_into(self, bytes label, Hit hit) except -1

@@ -260,8 +260,12 @@ cdef class LabelIndex:
         target_slot_obj,
         flags_obj,
     ):
-        """Insert ``label`` or replace its value."""
-        self._put(
+        """Insert ``label`` or replace its value.
+
+        The target slot of the value replaced, or None for a new label: the
+        caller keeps targets' reference counts, and needs no lookup first.
+        """
+        cdef long long old = self._put(
             PyBytes_AS_STRING(label),
             PyBytes_GET_SIZE(label),
             route_id_obj,
@@ -270,8 +274,9 @@ cdef class LabelIndex:
             target_slot_obj,
             flags_obj,
         )
+        return None if old < 0 else old
 
-    cdef int _put(
+    cdef long long _put(
         self,
         const char *p,
         Py_ssize_t n,
@@ -280,7 +285,9 @@ cdef class LabelIndex:
         object port_obj,
         object target_slot_obj,
         object flags_obj,
-    ) except -1:
+    ) except -2:
+        # The replaced entry's target slot, or -1 when ``p`` is new.
+        cdef long long old = -1
         cdef Py_ssize_t at
         cdef Entry *e
         cdef uint32_t h
@@ -309,6 +316,7 @@ cdef class LabelIndex:
         at = self._find_slot(p, n)
         if at >= 0:
             e = &self.entries[(self.slots[at] >> 32) - 1]
+            old = e.target_slot
         else:
             if (<uint64_t>self.count + 1) * 4 > (self.mask + 1) * 3:
                 self._grow_slots((self.mask + 1) * 2)
@@ -328,7 +336,7 @@ cdef class LabelIndex:
         e.target_slot = target_slot
         e.port = port
         e.flags = flags
-        return 0
+        return old
 
     def load_rows(self, list rows not None, dict sandbox_slots not None, target_slot):
         """Insert stored routes in bulk; the highest route_id among them.
