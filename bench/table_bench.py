@@ -17,8 +17,10 @@ and the build", each next to its target:
 2. memory per route of the ``ForwardingTable`` a worker holds;
 3. time to load 1M routes from the store into a ``RouteTable`` as the
    router starts (``router.app.load_table``), and the memory it takes;
-4. batched change rate (``RouteTable.prepare`` + ``Store.commit``, 1000-op
-   batches) with ``synchronous=FULL`` and ``NORMAL``.
+4. batched change rate (``RouteTable.prepare`` + ``Store.commit`` +
+   ``RouteTable.finish``, 1000-op batches) with ``synchronous=FULL`` and
+   ``NORMAL``: the median of ``--rounds`` runs taking turns, each pinned
+   to one core.
 
 Each measurement runs in a child process of its own, so one twin's memory
 and warm caches never colour the other's figures.  The store used for the
@@ -110,7 +112,9 @@ def worker_table(n: int) -> Any:
         sandbox, port, token = route_parts(i)
         if i % PORTS_PER_SANDBOX == 0:
             fwd.put_sandbox(Sandbox(sandbox))
-        fwd.put_route(Route(sandbox, port, token, None, "", None, "rewrite", i + 1))
+        fwd.put_route(
+            Route(sandbox, port, token, None, "", None, "rewrite", i + 1).to_record()
+        )
     # A worker's table comes from ForwardingTable.load_snapshot, which ends
     # the same way.
     fwd.index.compact()

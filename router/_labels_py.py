@@ -153,6 +153,31 @@ class LabelIndex:
                 top = route_id
         return top
 
+    def put_route(
+        self,
+        route: dict[str, Any],
+        sandbox_slots: dict[str, int],
+        target_slot: Callable[[str], int],
+    ) -> int | None:
+        """Insert or replace one route from its change record's ``route``.
+
+        ``load_rows`` for one record (``sandbox``, ``port``, ``token``,
+        ``route_id``, ``target``, ``host``), as a change applies it.
+        Returns what ``set`` does, the replaced target slot or None.
+        """
+        port = route["port"]
+        if not 0 <= port <= _U16:
+            raise ValueError("port or flags out of range")
+        target = route["target"]
+        return self.set(
+            f"{port}-{route['sandbox']}-{route['token']}".encode(),
+            route["route_id"],
+            sandbox_slots[route["sandbox"]],
+            port,
+            target_slot(target) if target else 0,
+            1 if route["host"] == "preserve" else 0,
+        )
+
     def remove(self, label: bytes) -> bool:
         """Drop ``label``; False when it was not there."""
         return self._map.pop(label, None) is not None

@@ -44,6 +44,8 @@ def check_port(port: object, reserved: frozenset[int] = DEFAULT_RESERVED_PORTS) 
     Strings are accepted only in canonical decimal form: ``"08080"`` would
     give a URL that no longer matches the label we store.
     """
+    if type(port) is int and MIN_PORT <= port <= MAX_PORT and port not in reserved:
+        return port  # the usual case, first
     if isinstance(port, bool):
         raise RouteError("INVALID_PORT", f"Port must be a number, not {port!r}")
     if isinstance(port, str):

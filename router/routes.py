@@ -747,9 +747,9 @@ class RouteTable:
         if ports is None:
             return None
         if len(ports) <= TOKEN_SCAN_LIMIT:
-            for port, route in ports.items():
+            for route in ports.values():
                 if route.token == token:
-                    return port
+                    return route.port
             return None
         tokens = self.tokens.get(sandbox)
         if tokens is None:
@@ -957,17 +957,7 @@ class ForwardingTable:
     def apply(self, rec: Record) -> None:
         op = rec["op"]
         if op == "put_route":
-            # From the record's fields, not through a Route: this runs for
-            # every change, in the router and in each worker.
-            r = rec["route"]
-            self._put(
-                f"{r['port']}-{r['sandbox']}-{r['token']}",
-                r["route_id"],
-                r["sandbox"],
-                r["port"],
-                r["target"],
-                r["host"],
-            )
+            self.put_route(rec["route"])
         elif op == "del_route":
             self.del_route(rec["label"])
         elif op == "put_sandbox":
@@ -1012,30 +1002,14 @@ class ForwardingTable:
             return None
         return SandboxView(name, host, bool(self.sandbox_stopped[slot]))
 
-    def put_route(self, route: Route) -> None:
-        self._put(
-            route.label,
-            route.route_id,
-            route.sandbox,
-            route.port,
-            route.target,
-            route.host,
-        )
+    def put_route(self, route: Record) -> None:
+        """A route record (``Route.to_record``) in, straight into the index.
 
-    def _put(
-        self,
-        label: str,
-        route_id: int,
-        sandbox: str,
-        port: int,
-        target: str | None,
-        host: str,
-    ) -> None:
-        tslot = self._target_slot(target) if target else 0
-        flags = FLAG_PRESERVE_HOST if host == "preserve" else 0
-        old = self.index.set(
-            label.encode(), route_id, self.sandbox_slots[sandbox], port, tslot, flags
-        )
+        The label is made there, not here: this runs for every change, in
+        the router and in each worker.  The index's flag 1 is
+        ``FLAG_PRESERVE_HOST``.
+        """
+        old = self.index.put_route(route, self.sandbox_slots, self._target_slot)
         if old is not None:
             # Released after the new target is taken: a route that keeps
             # its target keeps its slot.
@@ -1136,5 +1110,5 @@ class ForwardingTable:
             self.put_sandbox(Sandbox(sb["name"], sb["upstream_host"], sb["state"]))
         self.index.reserve(len(snap["routes"]))
         for r in snap["routes"]:
-            self.put_route(Route.from_record(r))
+            self.put_route(r)
         self.index.compact()

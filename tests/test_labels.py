@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -267,6 +268,52 @@ def test_index_load_rows_is_set_for_each_row(twin: ModuleType) -> None:
     ]:
         with pytest.raises(error):
             twin.LabelIndex().load_rows([bad], slots, target_slot)
+
+
+def test_index_put_route_is_set_for_one_route_record(twin: ModuleType) -> None:
+    # What a change applies: a route record straight into the index.
+    slots = {"sb": 1, "a-b": 2}
+    targets: list[str] = []
+
+    def target_slot(target: str) -> int:
+        targets.append(target)
+        return len(targets) + 4
+
+    def record(**changed: Any) -> dict[str, Any]:
+        route = {
+            "sandbox": "sb",
+            "port": 8080,
+            "token": "tok",
+            "name": "web",
+            "exposedAt": "2026-01-01T00:00:00.000Z",
+            "target": None,
+            "host": "rewrite",
+            "route_id": 7,
+        }
+        return {**route, **changed}
+
+    index = twin.LabelIndex()
+    assert index.put_route(record(), slots, target_slot) is None
+    assert index.lookup(b"8080-sb-tok") == (7, 1, 8080, 0, 0)
+    # A replacement answers with the target slot it replaced.
+    again = record(target="127.0.0.1:9", host="preserve", route_id=8)
+    assert index.put_route(again, slots, target_slot) == 0
+    assert index.lookup(b"8080-sb-tok") == (8, 1, 8080, 5, 1)
+    assert index.put_route(record(target=""), slots, target_slot) == 5
+    assert index.lookup(b"8080-sb-tok") == (7, 1, 8080, 0, 0)
+    assert targets == ["127.0.0.1:9"]
+    index.put_route(record(sandbox="a-b", port=0, token="c"), slots, target_slot)
+    assert index.lookup(b"0-a-b-c") == (7, 2, 0, 0, 0)
+
+    for bad, error in [
+        (record(port=70000), ValueError),
+        (record(token="t" * 60), ValueError),
+        (record(route_id=-1), ValueError),
+        (record(sandbox="nobody"), KeyError),
+    ]:
+        with pytest.raises(error):
+            index.put_route(bad, slots, target_slot)
+    assert len(index) == 2
 
 
 def test_index_compact_keeps_every_route_and_can_grow_again(

@@ -55,6 +55,27 @@ cdef inline Py_ssize_t _put_digits(char *out, long long value) noexcept nogil:
     return n
 
 
+cdef Py_ssize_t _join_label(
+    char *buf, object sandbox, long long port, object token
+) except -1:
+    # "{port}-{sandbox}-{token}" into ``buf`` (MAX_LABEL + 8 bytes); its size.
+    cdef Py_ssize_t ls, lt, w
+    cdef const char *ps
+    cdef const char *pt
+    if not 0 <= port <= 0xFFFF:
+        raise ValueError("port or flags out of range")
+    ps = PyUnicode_AsUTF8AndSize(sandbox, &ls)
+    pt = PyUnicode_AsUTF8AndSize(token, &lt)
+    w = _put_digits(buf, port)
+    if w + 2 + ls + lt > MAX_LABEL:
+        raise ValueError("label must be 1-63 bytes")
+    buf[w] = b"-"
+    memcpy(buf + w + 1, ps, ls)
+    buf[w + 1 + ls] = b"-"
+    memcpy(buf + w + 2 + ls, pt, lt)
+    return w + 2 + ls + lt
+
+
 cdef inline bint _same_lower(
     const char *a, const char *b, Py_ssize_t n
 ) noexcept nogil:
@@ -348,32 +369,18 @@ cdef class LabelIndex:
         work as a Python loop over ``set``, without a Python call per row:
         at a million routes that loop was a third of start-up.
         """
-        cdef Py_ssize_t ls, lt, w
-        cdef const char *ps
-        cdef const char *pt
+        cdef Py_ssize_t n
         cdef char buf[MAX_LABEL + 8]
         cdef object row, sandbox, token, target, route_id
-        cdef long long port
         cdef object top = 0
 
         self.reserve(self.count + len(rows))
         for row in rows:
             sandbox, port_obj, token, route_id, target, flags = row
-            port = port_obj
-            if not 0 <= port <= 0xFFFF:
-                raise ValueError("port or flags out of range")
-            ps = PyUnicode_AsUTF8AndSize(sandbox, &ls)
-            pt = PyUnicode_AsUTF8AndSize(token, &lt)
-            w = _put_digits(buf, port)
-            if w + 2 + ls + lt > MAX_LABEL:
-                raise ValueError("label must be 1-63 bytes")
-            buf[w] = b"-"
-            memcpy(buf + w + 1, ps, ls)
-            buf[w + 1 + ls] = b"-"
-            memcpy(buf + w + 2 + ls, pt, lt)
+            n = _join_label(buf, sandbox, port_obj, token)
             self._put(
                 buf,
-                w + 2 + ls + lt,
+                n,
                 route_id,
                 sandbox_slots[sandbox],
                 port_obj,
@@ -383,6 +390,29 @@ cdef class LabelIndex:
             if route_id > top:
                 top = route_id
         return top
+
+    def put_route(self, dict route not None, dict sandbox_slots not None, target_slot):
+        """Insert or replace one route from its change record's ``route``.
+
+        ``load_rows`` for one record (``sandbox``, ``port``, ``token``,
+        ``route_id``, ``target``, ``host``), as a change applies it: the
+        label is made here, not in Python.  Returns what ``set`` does, the
+        replaced target slot or None.
+        """
+        cdef char buf[MAX_LABEL + 8]
+        cdef object port_obj = route["port"]
+        cdef object target = route["target"]
+        cdef Py_ssize_t n = _join_label(buf, route["sandbox"], port_obj, route["token"])
+        cdef long long old = self._put(
+            buf,
+            n,
+            route["route_id"],
+            sandbox_slots[route["sandbox"]],
+            port_obj,
+            target_slot(target) if target else 0,
+            1 if route["host"] == "preserve" else 0,
+        )
+        return None if old < 0 else old
 
     def remove(self, bytes label not None):
         """Drop ``label``; False when it was not there."""
