@@ -566,7 +566,8 @@ def changes_section(args: argparse.Namespace) -> None:
     # The runs of the four kinds take turns, each in a child pinned to one
     # core (when taskset is here); the median of each kind is printed, with
     # the slowest and fastest round beside it for the machine's noise.
-    cpu = "1" if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else None
+    allowed = sorted(os.sched_getaffinity(0))
+    cpu = str(allowed[-1]) if shutil.which("taskset") and len(allowed) > 1 else None
     kinds = [(twin, sync) for twin in TWINS for sync in ("FULL", "NORMAL")]
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {k: [] for k in kinds}
     for _ in range(args.rounds):

@@ -121,6 +121,8 @@ class Transaction:
     # The ``exposedAt`` of every route the transaction exposes: one batch,
     # one instant (set by its first expose).
     exposed_at: str = ""
+    # ``RouteTable.next_route_id`` before the transaction, for ``rollback``.
+    first_route_id: int = 0
 
     def message(self) -> dict[str, Any]:
         """The watch message that announces this transaction."""
@@ -396,6 +398,7 @@ class RouteTable:
         The transaction is what the generator returns.
         """
         txn = Transaction(self.version + 1, [], [])
+        txn.first_route_id = self.next_route_id
         self.pending.add(id(txn))
         for i, op in enumerate(ops):
             try:
@@ -437,6 +440,8 @@ class RouteTable:
             else:
                 assert isinstance(old, Sandbox)
                 self.sandboxes[old.name] = old
+        # Route ids handed out by a refused batch are handed out again.
+        self.next_route_id = txn.first_route_id
         txn.undo.clear()
         txn.changes.clear()
         self._settled(txn)

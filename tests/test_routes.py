@@ -49,11 +49,14 @@ def refused(code: str, table: RouteTable, ops: list[dict[str, Any]]) -> RouteErr
     """Run ``ops`` expecting refusal with ``code``; the table must not move."""
     before = table.snapshot()
     items = table.forwarding.index.items()
+    next_id = table.next_route_id
     with pytest.raises(RouteError) as info:
         table.run(ops, atomic_index=True)
     assert info.value.code == code, info.value.message
     assert table.snapshot() == before
     assert table.forwarding.index.items() == items
+    # Not a gap in the route ids for every refused batch.
+    assert table.next_route_id == next_id
     return info.value
 
 
