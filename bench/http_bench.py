@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from signal import SIGINT, SIGTERM
 
-from proctools import children, cpu_ticks, free_port, pin, proc_stat
+from proctools import children, cpu_split, cpu_ticks, free_port, pin, proc_stat
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -385,6 +385,7 @@ class Round:
     p50_ms: float
     p99_ms: float
     cpu_us: float  # proxy CPU per request
+    kernel: float  # the kernel's share of it (stime over utime + stime)
     non2xx: int
     socket_errors: int
     # CPU used by processes outside this benchmark during the round, in
@@ -574,7 +575,7 @@ class Bench:
         )
         pids = proxy.proc.pids()
         servers = self.server_pids()
-        before = cpu_ticks(pids)
+        before = cpu_split(pids)
         ours_before = cpu_ticks(servers) + own_ticks()
         busy_before = machine_busy_ticks()
         out_path = self.tmp / "wrk.out"
@@ -583,7 +584,7 @@ class Bench:
             run.popen.wait(seconds + self.args.timeout + 30)
         finally:
             self.procs.stop(run)
-        after = cpu_ticks(pids)
+        after = cpu_split(pids)
         ours = cpu_ticks(servers) + own_ticks() - ours_before
         other = max(0, machine_busy_ticks() - busy_before - ours)
         output = out_path.read_text(errors="replace")
@@ -595,13 +596,15 @@ class Bench:
         r = {k: float(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
         requests = int(r["requests"])
         secs = r["duration_us"] / 1e6
+        user, system = (a - b for a, b in zip(after, before, strict=True))
         return Round(
             requests=requests,
             seconds=secs,
             rps=requests / secs if secs else 0.0,
             p50_ms=r["p50_us"] / 1000,
             p99_ms=r["p99_us"] / 1000,
-            cpu_us=(after - before) / CLK_TCK * 1e6 / requests if requests else 0.0,
+            cpu_us=(user + system) / CLK_TCK * 1e6 / requests if requests else 0.0,
+            kernel=system / (user + system) if user + system else 0.0,
             non2xx=int(r["status"]),
             socket_errors=int(r["connect"] + r["read"] + r["write"] + r["timeout"]),
             other_cores=other / CLK_TCK / secs if secs else 0.0,
@@ -644,7 +647,8 @@ class Bench:
                         f"   round {i + 1}/{rounds}  {proxy.name:<12}"
                         f" {got.rps:>9.0f} req/s  p50 {got.p50_ms:7.2f} ms"
                         f"  p99 {got.p99_ms:7.2f} ms  CPU {got.cpu_us:7.1f} us/req"
-                        f"  other load {got.other_cores:4.2f}" + errors_note(got),
+                        f" ({got.kernel:.0%} kernel)  other load {got.other_cores:4.2f}"
+                        + errors_note(got),
                         flush=True,
                     )
         return results
@@ -736,8 +740,8 @@ def report(
     loads: list[float] = []
     header = (
         f"{'scenario':<21} {'proxy':<12} {'req/s':>9} {'p50 ms':>8} "
-        f"{'p99 ms':>8} {'CPU us/req':>11} {'non-2xx':>8} {'sock err':>9}"
-        f" {'other':>6}"
+        f"{'p99 ms':>8} {'CPU us/req':>11} {'kernel':>7} {'non-2xx':>8}"
+        f" {'sock err':>9} {'other':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -754,6 +758,7 @@ def report(
                 "p50": statistics.median(r.p50_ms for r in rounds),
                 "p99": statistics.median(r.p99_ms for r in rounds),
                 "cpu": statistics.median(r.cpu_us for r in rounds),
+                "kernel": statistics.median(r.kernel for r in rounds),
                 "other": statistics.median(r.other_cores for r in rounds),
             }
             loads += [r.other_cores for r in rounds]
@@ -764,7 +769,8 @@ def report(
             print(
                 f"{scenario.title if i == 0 else '':<21} {name:<12} "
                 f"{m['rps']:>9.0f} {m['p50']:>8.2f} {m['p99']:>8.2f} "
-                f"{m['cpu']:>11.1f} {non2xx:>8} {sock:>9} {m['other']:>6.2f}{mark}"
+                f"{m['cpu']:>11.1f} {m['kernel']:>7.0%} {non2xx:>8} {sock:>9}"
+                f" {m['other']:>6.2f}{mark}"
             )
         b, e = med[base], med[edge]
         print(

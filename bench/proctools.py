@@ -33,12 +33,20 @@ def children(pid: int) -> list[int]:
 
 def cpu_ticks(pids: list[int]) -> int:
     """utime + stime of these processes, in clock ticks."""
-    total = 0
+    return sum(cpu_split(pids))
+
+
+def cpu_split(pids: list[int]) -> tuple[int, int]:
+    """(utime, stime) of these processes, in clock ticks: user space and
+    the kernel working for them (their system calls, and the network work
+    the kernel does while they are in one)."""
+    user = system = 0
     for pid in pids:
         stat = proc_stat(pid)
         if stat is not None:
-            total += int(stat[11]) + int(stat[12])
-    return total
+            user += int(stat[11])
+            system += int(stat[12])
+    return user, system
 
 
 def pin(cpu: str, *argv: str) -> list[str]:
