@@ -932,7 +932,12 @@ class ForwardingTable:
         self.sandbox_stopped = bytearray()
         self.sandbox_slots: dict[str, int] = {}
         self._free_sandbox_slots: list[int] = []
+        # Upstream host → the one copy of it the sandboxes share, and how
+        # many use it: a host no sandbox uses any more is dropped (with an
+        # IP per sandbox, a churn of sandboxes would otherwise keep every
+        # address ever used).
         self._hosts: dict[str, str] = {}
+        self._host_refs: dict[str, int] = {}
         # Slot 0 means "the sandbox's upstream host, same port".
         self.targets: list[tuple[str, int] | str | None] = []
         self.target_slots: dict[str, int] = {}
@@ -953,6 +958,8 @@ class ForwardingTable:
         self.sandbox_stopped[:] = bytes(1)
         self.sandbox_slots.clear()
         self._free_sandbox_slots.clear()
+        self._hosts.clear()
+        self._host_refs.clear()
         self.targets[:] = [None]
         self.target_slots.clear()
         self.target_refs[:] = [0]
@@ -978,8 +985,11 @@ class ForwardingTable:
         # Nearly every sandbox has the same upstream host; a snapshot read
         # from JSON would otherwise hold one copy of it per sandbox.
         host = self._hosts.setdefault(upstream_host, upstream_host)
+        self._host_refs[host] = self._host_refs.get(host, 0) + 1
         slot = self.sandbox_slots.get(name)
-        if slot is None:
+        if slot is not None:
+            self._release_host(self.sandbox_hosts[slot])
+        else:
             if self._free_sandbox_slots:
                 slot = self._free_sandbox_slots.pop()
             else:
@@ -994,10 +1004,20 @@ class ForwardingTable:
 
     def del_sandbox(self, name: str) -> None:
         slot = self.sandbox_slots.pop(name)
+        self._release_host(self.sandbox_hosts[slot])
         self.sandbox_names[slot] = None
         self.sandbox_hosts[slot] = None
         self.sandbox_stopped[slot] = 0
         self._free_sandbox_slots.append(slot)
+
+    def _release_host(self, host: str | None) -> None:
+        assert host is not None
+        refs = self._host_refs[host] - 1
+        if refs:
+            self._host_refs[host] = refs
+        else:
+            del self._host_refs[host]
+            del self._hosts[host]
 
     def sandbox_view(self, slot: int) -> SandboxView | None:
         """The sandbox in ``slot`` as one object (tests, slow paths)."""

@@ -28,9 +28,9 @@ log = logging.getLogger("edge_router")
 SCHEMA_VERSION = 2
 
 # Schema 2 keeps each table in the B-tree of its primary key (WITHOUT
-# ROWID): one tree to update per written row instead of two, a tenth of the
-# time of a bulk change.  Schema 1, the same tables with rowids, is moved
-# over when opened (``_migrate``).
+# ROWID): one tree to update per written row instead of two, which took
+# 0.4 of the 10 µs a change costs in a bulk batch.  Schema 1, the same
+# tables with rowids, is moved over when opened (``_migrate``).
 _TABLES = """
 CREATE TABLE {new}{sandboxes} (
     name TEXT PRIMARY KEY,
@@ -200,6 +200,18 @@ class Store:
                 f"Route store {self.path}: cannot move it from schema 1 to "
                 f"schema {SCHEMA_VERSION}: {exc}"
             ) from exc
+        # The copy left the old tables' pages free in the file and the new
+        # ones in the write-ahead log: give both back to the disk.  Best
+        # effort: the move itself is done and stored.
+        try:
+            db.execute("VACUUM")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning(
+                "route store %s: moved to schema 2, but not compacted: %s",
+                self.path,
+                exc,
+            )
         log.info("route store %s moved from schema 1 to 2", self.path)
 
     def load(self) -> tuple[int, list[Sandbox], list[Route]]:

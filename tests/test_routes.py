@@ -785,6 +785,34 @@ def _views(fwd: ForwardingTable) -> dict[str, Any]:
     return {name: fwd.sandbox_view(slot) for name, slot in fwd.sandbox_slots.items()}
 
 
+def test_upstream_hosts_no_sandbox_uses_are_forgotten(table: RouteTable) -> None:
+    # An IP per sandbox, sandboxes made and destroyed: the forwarding view
+    # must not keep every address it ever saw.
+    for n in range(50):
+        table.run(
+            [
+                {
+                    "op": "set_sandbox",
+                    "sandbox": f"sb{n}",
+                    "upstream_host": f"10.0.0.{n}",
+                },
+                {
+                    "op": "set_sandbox",
+                    "sandbox": "shared",
+                    "upstream_host": f"10.1.0.{n}",
+                },
+                {"op": "set_sandbox", "sandbox": "same", "upstream_host": "10.9.9.9"},
+            ],
+            atomic_index=True,
+        )
+        table.run([{"op": "destroy_sandbox", "sandbox": f"sb{n}"}])
+    fwd = table.forwarding
+    assert fwd._hosts == {"10.1.0.49": "10.1.0.49", "10.9.9.9": "10.9.9.9"}
+    assert fwd._host_refs == {"10.1.0.49": 1, "10.9.9.9": 1}
+    view = fwd.sandbox_view(fwd.sandbox_slots["shared"])
+    assert view is not None and view.upstream_host == "10.1.0.49"
+
+
 @settings(
     deadline=None,
     max_examples=150,
