@@ -139,10 +139,8 @@ class LabelIndex:
         """
         top = 0
         for sandbox, port, token, route_id, target, flags in rows:
-            if not 0 <= port <= _U16:
-                raise ValueError("port or flags out of range")
             self.set(
-                f"{port}-{sandbox}-{token}".encode(),
+                _join_label(sandbox, port, token),
                 route_id,
                 sandbox_slots[sandbox],
                 port,
@@ -166,11 +164,9 @@ class LabelIndex:
         Returns what ``set`` does, the replaced target slot or None.
         """
         port = route["port"]
-        if not 0 <= port <= _U16:
-            raise ValueError("port or flags out of range")
         target = route["target"]
         return self.set(
-            f"{port}-{route['sandbox']}-{route['token']}".encode(),
+            _join_label(route["sandbox"], port, route["token"]),
             route["route_id"],
             sandbox_slots[route["sandbox"]],
             port,
@@ -239,3 +235,11 @@ def _check_label(label: bytes) -> None:
         raise TypeError("label must be bytes")
     if not 1 <= len(label) <= MAX_LABEL:
         raise ValueError("label must be 1-63 bytes")
+
+
+def _join_label(sandbox: str, port: int, token: str) -> bytes:
+    """``{port}-{sandbox}-{token}`` for ``load_rows`` and ``put_route``
+    (``set`` checks its length)."""
+    if not 0 <= port <= _U16:
+        raise ValueError("port or flags out of range")
+    return f"{port}-{sandbox}-{token}".encode()

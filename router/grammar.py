@@ -8,6 +8,7 @@ refused part never reaches the table.
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 import string
@@ -196,8 +197,12 @@ def is_local_hostname(hostname: str) -> bool:
     return name == "localhost" or name.endswith(".localhost")
 
 
+@functools.lru_cache(maxsize=256)
 def url_scheme(hostname: str) -> str:
-    """https, or http for localhost-style hosts."""
+    """https, or http for localhost-style hosts.
+
+    Cached: every expose builds a URL, nearly always on the same hostname.
+    """
     return "http" if is_local_hostname(hostname) else "https"
 
 

@@ -248,8 +248,6 @@ class RouteTable:
         self.pending: set[int] = set()
         self.pending_labels: dict[str, Route | None] = {}
         self.listeners: list[Callable[[Transaction], None]] = []
-        # URL host → "https" or "http" (``grammar.url_scheme``).
-        self._schemes: dict[str, str] = {}
 
     # -- loading ---------------------------------------------------------
 
@@ -430,8 +428,9 @@ class RouteTable:
             op = rec["op"]
             if op == "put_route" and old is None:
                 r = rec["route"]
-                label = f"{r['port']}-{r['sandbox']}-{r['token']}"
-                self._drop_route(r["sandbox"], r["port"], label)
+                put = self.route(r["sandbox"], r["port"])
+                assert put is not None
+                self._drop_route(put.sandbox, put.port, put.label)
             elif op in ("put_route", "del_route"):
                 assert isinstance(old, Route)
                 self._set_route(old, old.label)
@@ -734,12 +733,9 @@ class RouteTable:
         return grammar.check_hostname(hostname, self.domains)
 
     def _exposed(self, route: Route, label: str, url_host: str) -> dict[str, Any]:
-        scheme = self._schemes.get(url_host)
-        if scheme is None:
-            scheme = self._schemes[url_host] = grammar.url_scheme(url_host)
         return {
             "port": route.port,
-            "url": f"{scheme}://{label}.{url_host}/",
+            "url": grammar.build_url(label, url_host),
             "name": route.name,
             "token": route.token,
             "exposedAt": route.exposed_at,
