@@ -166,10 +166,17 @@ class Tunnel:
                 self._splice(tracker, out)
             return
 
-        # Ending: pass on only the rest of the frame in flight, then close.
+        # Ending: pass on only the rest of the frame in flight.  What comes
+        # after it is not passed on (the other side gets, or has, our close
+        # frame, and nothing may follow that), but it is read: the close
+        # frame this side answers ours with is in it.
         if not tracker.at_boundary:
             cut = _frame_rest(tracker, data)
-            out.write(data[:cut])
+            if not out.is_closing():
+                out.write(data[:cut])
+            data = data[cut:]
+        if data:
+            tracker.feed(data)
         self._try_finish()
 
     def _splice(self, tracker: FrameTracker, out: Any) -> None:
@@ -224,13 +231,18 @@ class Tunnel:
             if not self.upstream.is_closing() and not self.to_upstream.saw_close:
                 self.upstream.write(close_frame(upstream_code, reason, to_server=True))
 
-        # Both sockets stay open until both close frames are out: a socket
-        # closed early is no longer read, so the frame it still had in
-        # flight would be cut short at the other end, and that end's close
-        # frame could then never be sent.  (The caller bounds the wait.)
-        if self.client_told and self.upstream_told:
+        # A side's socket is closed once that side has a close frame and has
+        # answered it with its own (RFC 6455 §7.1.1), not as soon as ours is
+        # written: the answer would then meet a closed socket and a reset,
+        # and a browser reports such an ending as not clean.  Until then
+        # both sockets are read, so that a frame still in flight reaches
+        # the other end whole.  A peer that never answers is cut by the
+        # caller's grace timer.
+        if self.client_told and self.to_upstream.saw_close:
             self._cancel_relays()
             self.client.close()
+        if self.upstream_told and self.to_client.saw_close:
+            self._cancel_relays()
             self.upstream.close()
 
     def peer_lost(self, side: str) -> None:
@@ -239,10 +251,15 @@ class Tunnel:
         A client whose upstream vanished gets 1011 (RFC 6455 §7.4.1: the
         server met a condition that kept it from fulfilling the request),
         unless a close frame already went its way; an upstream whose client
-        vanished is simply closed.
+        vanished is simply closed.  A client that has the router's own close
+        frame (a revocation, a shutdown) keeps its socket until it answers.
         """
         self._cancel_relays()
         if side == "upstream":
+            if self.client_told and not self.to_upstream.saw_close:
+                # An ending is under way and the client has its close frame:
+                # it still answers it, and then its socket is closed (above).
+                return
             if not self.client.is_closing():
                 told = self.client_told or self.to_client.saw_close
                 if self.to_client.at_boundary and not told:

@@ -230,14 +230,30 @@ def _tunnel() -> tuple[Tunnel, FakeTransport, FakeTransport]:
     return Tunnel(client, upstream, route_id=1), client, upstream  # type: ignore[arg-type]
 
 
-def test_end_at_boundaries_closes_both_at_once() -> None:
+# What each side answers the router's close frame with (RFC 6455 §5.5.1).
+CLIENT_ANSWER = close_frame(POLICY_VIOLATION, "", to_server=True)
+UPSTREAM_ANSWER = close_frame(1001, "", to_server=False)
+
+
+def test_end_closes_each_side_once_it_answers() -> None:
     tunnel, client, upstream = _tunnel()
     tunnel.from_client(_header(2, True) + b"hi")
     tunnel.from_upstream(_header(2, False) + b"yo")
     tunnel.end(POLICY_VIOLATION, 1001, "route revoked")
-    assert client.closed and upstream.closed
     assert _decode(client.written[4:], from_client=False).payload[0] == 1008
     assert _decode(upstream.written[8:], from_client=True).payload[0] == 1001
+    # Closed now, each socket would answer its peer's close frame with a
+    # reset: a browser calls that ending unclean.
+    assert not client.closed and not upstream.closed
+    told_client, told_upstream = client.written, upstream.written
+
+    # Each answer closes its own side and goes nowhere else, nor does a
+    # frame sent after ours crossed it.
+    tunnel.from_upstream(_header(1, False) + b"!" + UPSTREAM_ANSWER)
+    assert upstream.closed and not client.closed
+    tunnel.from_client(CLIENT_ANSWER)
+    assert client.closed
+    assert (client.written, upstream.written) == (told_client, told_upstream)
 
 
 def test_end_mid_frame_finishes_the_frame_first() -> None:
@@ -253,7 +269,18 @@ def test_end_mid_frame_finishes_the_frame_first() -> None:
     tunnel.from_upstream(frame[5:] + _header(1, False) + b"!")
     assert client.written.startswith(frame)
     assert _decode(client.written[len(frame) :], from_client=False).payload[0] == 1008
+    tunnel.from_client(CLIENT_ANSWER)
+    tunnel.from_upstream(UPSTREAM_ANSWER)
     assert client.closed and upstream.closed
+
+
+def test_upstream_answer_split_across_reads() -> None:
+    tunnel, _, upstream = _tunnel()
+    tunnel.end(POLICY_VIOLATION, 1001, "route revoked")
+    tunnel.from_upstream(UPSTREAM_ANSWER[:1])
+    assert not upstream.closed
+    tunnel.from_upstream(UPSTREAM_ANSWER[1:])
+    assert upstream.closed
 
 
 def test_upstream_lost_gives_client_1011_once() -> None:
@@ -271,16 +298,19 @@ def test_upstream_lost_mid_frame_closes_client_without_frame() -> None:
     assert client.closed
 
 
-def test_upstream_lost_after_revocation_frame_sends_no_second_close() -> None:
+def test_upstream_lost_after_revocation_frame_waits_for_the_client() -> None:
     tunnel, client, upstream = _tunnel()
     tunnel.from_client(_header(10, True) + b"01")  # client mid-frame
     tunnel.end(POLICY_VIOLATION, 1001, "route revoked")
     assert client.written.startswith(b"\x88") and not client.closed
     told = client.written
+    upstream.close()
     tunnel.peer_lost("upstream")
-    assert client.written == told
+    # No second close frame; the client has ours and may still answer it.
+    assert client.written == told and not client.closed
+    tunnel.from_client(b"23456789" + CLIENT_ANSWER)
     assert client.closed
-    del upstream
+    assert client.written == told
 
 
 def test_client_lost_closes_upstream_without_frame() -> None:
@@ -298,7 +328,10 @@ def test_end_after_a_peer_close_sends_no_second_close() -> None:
     # The client has its close frame (the upstream's); the upstream gets ours.
     assert client.written == upstream_close
     assert _decode(upstream.written, from_client=True).payload[0] == 1001
-    assert client.closed and upstream.closed
+    # The upstream's close frame was its answer; the client's is still due.
+    assert upstream.closed and not client.closed
+    tunnel.from_client(CLIENT_ANSWER)
+    assert client.closed
 
 
 @settings(max_examples=300, deadline=None)

@@ -448,17 +448,23 @@ class HalfFrameUpstream:
             self.done.set()
 
 
-def test_revocation_waits_for_the_frame_in_flight(router: RouterThread) -> None:
+def test_revocation_waits_for_the_frame_in_flight(
+    make_router: Callable[..., RouterThread],
+) -> None:
     """A close frame is never put inside a frame (the point of FrameTracker).
 
     The upstream is halfway through a frame when the route is revoked: the
     upstream gets its 1001 at once, but the client gets the rest of the
-    frame first, then 1008; only then are both sockets closed.
+    frame first, then 1008.  The client's socket is closed once it answers
+    (RFC 6455 §7.1.1), and the upstream's with it.
     """
+    # A grace period longer than the test's waits: a socket that closes
+    # was closed by the answer, not cut by the timer.
+    router = make_router(grace=60.0)
     up_behaviour = HalfFrameUpstream(complete=True)
     with RawUpstream(up_behaviour) as up:
         host = public_host(router, 8001, target=f"127.0.0.1:{up.port}")
-        with raw_upgrade(router.port, host) as (head, reader, _sock):
+        with raw_upgrade(router.port, host) as (head, reader, sock):
             assert head.startswith(b"HTTP/1.1 101 ")
             assert up_behaviour.half_sent.wait(TIMEOUT)
             time.sleep(0.1)  # let the half frame reach the router
@@ -467,6 +473,7 @@ def test_revocation_waits_for_the_frame_in_flight(router: RouterThread) -> None:
             assert reader.frame() == (OP_BINARY, up_behaviour.payload)
             opcode, payload = reader.frame()
             assert (opcode, close_payload(payload)[0]) == (OP_CLOSE, 1008)
+            sock.sendall(encode_frame(OP_CLOSE, payload, mask=True))
             assert reader.at_eof()
         assert up_behaviour.done.wait(TIMEOUT)
     [(opcode, payload)] = up_behaviour.got
@@ -496,6 +503,25 @@ def test_revoked_tunnel_stuck_mid_frame_is_cut_after_grace(
     [(opcode, _)] = up_behaviour.got
     assert opcode == OP_CLOSE
     assert up_behaviour.eof
+
+
+def test_revoked_client_that_never_answers_is_cut_after_grace(
+    make_router: Callable[..., RouterThread], upstream: WsUpstream
+) -> None:
+    router = make_router(grace=0.5)
+    host = public_host(router, 8001, target=f"127.0.0.1:{upstream.port}")
+    with raw_upgrade(router.port, host) as (head, reader, _):
+        assert head.startswith(b"HTTP/1.1 101 ")
+        _unexpose(router, "")
+        opcode, payload = reader.frame()
+        assert (opcode, close_payload(payload)[0]) == (OP_CLOSE, 1008)
+        started = time.monotonic()
+        # No answer from this client: the socket is kept for the grace
+        # period only (the sweeper looks once a second).
+        assert reader.at_eof()
+        assert time.monotonic() - started < 0.5 + 1.5
+    [ended] = upstream.wait_ended(1)
+    assert ended.code == 1001
 
 
 # -- a peer that dies ---------------------------------------------------------
