@@ -237,22 +237,62 @@ class Proxy:
             conn.revoke("STALE_PREVIEW_URL" if stale else "INVALID_TOKEN")
 
     def on_change(self, message: dict[str, Any]) -> None:
-        """Watch message from the route table (applied already)."""
-        route_ids: set[int] = set()
-        # Each sandbox's state once the whole message is applied: a batch
-        # that stops a sandbox and starts it again leaves it running.
-        final: dict[str, str] = {}
+        """Watch message from the route table (applied already).
+
+        What is revoked is what the whole message changed: a batch that
+        deletes a label and puts it back (unexpose and expose with the same
+        token, a rotation there and back) or stops a sandbox and starts it
+        again never made a URL stop working, so nothing in flight on it
+        ends.  Such a label's connections go on under its new route id,
+        where a later revocation finds them.
+        """
+        # Per label touched: its route id before the message (None if the
+        # message made it) and after it (None if the message deleted it).
+        before: dict[str, int | None] = {}
+        after: dict[str, int | None] = {}
+        final: dict[str, str] = {}  # each sandbox's state at the end
         for rec in message["changes"]:
-            if rec["op"] == "del_route":
-                route_ids.add(rec["route_id"])
-            elif rec["op"] == "put_sandbox":
+            op = rec["op"]
+            if op == "del_route":
+                label = rec["label"]
+                before.setdefault(label, rec["route_id"])
+                after[label] = None
+            elif op == "put_route":
+                route = rec["route"]
+                label = f"{route['port']}-{route['sandbox']}-{route['token']}"
+                before.setdefault(label, None)
+                after[label] = route["route_id"]
+            elif op == "put_sandbox":
                 final[rec["sandbox"]["name"]] = rec["sandbox"]["state"]
-            elif rec["op"] == "del_sandbox":
+            elif op == "del_sandbox":
                 final[rec["name"]] = "destroyed"
+        route_ids: set[int] = set()
+        for label, old in before.items():
+            new = after[label]
+            if old is None or new == old:
+                continue
+            if new is None:
+                route_ids.add(old)
+            else:
+                self._move_route(old, new)
         stopped = {name for name, state in final.items() if state == "stopped"}
         sandboxes = {name for name, state in final.items() if state != "running"}
         if route_ids or sandboxes:
             self.revoke_routes(route_ids, sandboxes, stopped)
+
+    def _move_route(self, old: int, new: int) -> None:
+        conns = self.by_route.pop(old, None)
+        if not conns:
+            return
+        for conn in conns:
+            conn.route_id = new
+            if conn.tunnel is not None:
+                conn.tunnel.route_id = new
+        moved = self.by_route.get(new)
+        if moved is None:
+            self.by_route[new] = conns
+        else:
+            moved |= conns
 
     # -- upstream pool ---------------------------------------------------
 
@@ -297,7 +337,9 @@ class Proxy:
                     coro = self.loop.create_unix_connection(factory, address)
                 else:
                     coro = self.loop.create_connection(factory, address[0], address[1])
-                await asyncio.wait_for(coro, self.config.connect_timeout)
+                # 0 is no limit, as for the other timeouts.
+                timeout = self.config.connect_timeout or None
+                await asyncio.wait_for(coro, timeout)
                 self.stats.upstream_connects += 1
                 return up
             except (ConnectionRefusedError, FileNotFoundError):
@@ -339,6 +381,7 @@ class ClientConnection:
         "route_id",
         "sandbox",
         "sent",
+        "serial",
         "started",
         "state",
         "status",
@@ -374,6 +417,9 @@ class ClientConnection:
         self.label = b""
         self.tunnel: Tunnel | None = None
         self.last_active = 0.0
+        # Requests begun on this connection, to tell a late connect's
+        # result from the current request's (``_connect``).
+        self.serial = 0
 
     # -- asyncio callbacks -----------------------------------------------
 
@@ -477,6 +523,7 @@ class ClientConnection:
         self.buf = self.buf[head.head_len :]
         self.head = head
         self.state = ACTIVE
+        self.serial += 1
         # No response yet: every "nothing sent, answer it ourselves" test
         # (502, 504, revocation, the stale-pool retry) reads this, and a
         # kept-alive connection must not carry the last request's status.
@@ -660,19 +707,28 @@ class ClientConnection:
         return any(addr in net for net in self.proxy.trusted)
 
     async def _connect(self, key: tuple[str, Address]) -> None:
+        # The connect is for this request only.  The request may end while
+        # it is under way (a 504 from the response timer, a revocation) and
+        # the next one on this connection may be for another sandbox: what
+        # the connect brings then, a socket or a failure, is not the next
+        # request's (a socket would carry its head to the wrong upstream).
+        serial = self.serial
         try:
             up = await self.proxy.connect(key)
         except (ConnectionRefusedError, FileNotFoundError):
-            self._upstream_failed("UPSTREAM_UNAVAILABLE")
+            if serial == self.serial:
+                self._upstream_failed("UPSTREAM_UNAVAILABLE")
             return
         except TimeoutError:
-            self._upstream_failed("UPSTREAM_TIMEOUT")
+            if serial == self.serial:
+                self._upstream_failed("UPSTREAM_TIMEOUT")
             return
         except OSError as exc:
-            log.warning("upstream %s: %s", key[1], exc)
-            self._upstream_failed("UPSTREAM_UNAVAILABLE")
+            if serial == self.serial:
+                log.warning("upstream %s: %s", key[1], exc)
+                self._upstream_failed("UPSTREAM_UNAVAILABLE")
             return
-        if self.state != ACTIVE or self.transport is None:
+        if serial != self.serial or self.state != ACTIVE or self.transport is None:
             up.close()
             return
         first, *body = self.pending_body
@@ -945,16 +1001,24 @@ class ClientConnection:
             else:
                 self._close()
         elif self.state == ACTIVE:
-            self.keep_alive = False
             if self.status == 0:
-                # Nothing sent yet: the client gets the new answer now.
+                # Nothing sent yet: the client gets the new answer now.  A
+                # whole request leaves the connection in step, so it stays
+                # open for the requests pipelined behind this one, which may
+                # be for routes that are still there.  Not after an upgrade
+                # request: its client may already be sending frames.
                 up = self.upstream
                 if up is not None:
                     up.client = None
                     up.close()
                 self.upstream = None
-                self._reply(answer, close=True)
+                head = self.head
+                whole = self.req_done and head is not None and head.upgrade is None
+                self._reply(answer, close=not whole)
             else:
+                # The response under way is cut after the grace period,
+                # and the connection with it.
+                self.keep_alive = False
                 self._arm(DL_GRACE, self.proxy.grace)
 
     def end_tunnel(self, client_code: int, upstream_code: int, reason: str) -> None:
@@ -965,6 +1029,11 @@ class ClientConnection:
         so the sweeper cuts whatever is left when the grace period is over.
         """
         assert self.tunnel is not None
+        if self.tunnel.closing is not None:
+            # Already ending, on its own clock: the sweeper finds an idle
+            # tunnel idle again each second, and re-arming would put off the
+            # cut for ever.
+            return
         self.tunnel.end(client_code, upstream_code, reason)
         if self.transport is not None and not self.transport.is_closing():
             self._arm(DL_GRACE, self.proxy.grace)

@@ -369,7 +369,7 @@ def _watch(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
             if args.json:
                 out.write(orjson.dumps(_event_message(event)).decode() + "\n")
             else:
-                for line in _describe_event(event):
+                for line in _describe_event(event, args.since):
                     out.write(line + "\n")
             out.flush()
             if args.count is not None and seen >= args.count:
@@ -446,10 +446,15 @@ def _event_message(event: WatchEvent) -> dict[str, Any]:
     return {"version": event.version, "changes": event.changes}
 
 
-def _describe_event(event: WatchEvent) -> list[str]:
+def _describe_event(event: WatchEvent, since: int | None = None) -> list[str]:
     if event.snapshot is not None:
         snap = event.snapshot
-        why = " (resync: the requested version is no longer kept)"
+        if since is not None and since > event.version:
+            # The router is behind what the watcher saw: its store was
+            # replaced or restored from an older copy.
+            why = f" (resync: the router is at v{event.version}, before v{since})"
+        else:
+            why = " (resync: the requested version is no longer kept)"
         return [
             f"v{event.version} snapshot: {len(snap['sandboxes'])} sandboxes, "
             f"{len(snap['routes'])} routes{why if event.resync else ''}"

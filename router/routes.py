@@ -181,6 +181,22 @@ def parse_target(target: str) -> tuple[str, int] | str:
     return host, int(port)
 
 
+def _reaches_us(host: str, own_hosts: frozenset[str]) -> bool:
+    """Whether a connection to ``host`` may land on this machine's listeners:
+    a loopback or unspecified address, ``localhost``, or an address the
+    router listens on."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if bare.lower() == "localhost" or bare.lower().endswith(".localhost"):
+        return True
+    if bare in own_hosts:
+        return True
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
 def check_upstream_host(host: object) -> str:
     """An IP address (IPv6 with or without brackets) or a DNS name."""
     if isinstance(host, str):
@@ -212,7 +228,16 @@ class RouteTable:
         if not self.domains:
             raise ValueError("at least one base domain is needed")
         self.default_hostname = default_hostname or self.domains[0]
+        # The public listener's port, once known: URLs on a local hostname
+        # given without a port get it (``_hostname``).
+        self.public_port = 0
         self.reserved_ports = reserved_ports
+        # The router's own listeners (set once they are bound): a route to
+        # one of them would reach the router itself, which loops requests
+        # or, for the internal entry, lets a public URL skip every token.
+        self.own_ports: frozenset[int] = frozenset()
+        self.own_hosts: frozenset[str] = frozenset()
+        self.own_paths: frozenset[str] = frozenset()
         self.version = 0
         # Every route, by sandbox then port: token checks and listings
         # touch one sandbox's ports, never the whole table.  This is the
@@ -557,6 +582,8 @@ class RouteTable:
             )
         ports = self._ports(sandbox)
         current = ports.get(port) if ports else None
+        if self.own_ports or self.own_paths:
+            self._check_not_own(sandbox, port, current, target)
 
         # 2. Token: the given one, else the port's current one, else new.
         if token is None:
@@ -640,6 +667,10 @@ class RouteTable:
                 "INVALID_STATE", f"State must be 'running' or 'stopped', not {state!r}"
             )
         current = self.sandboxes.get(sandbox) or Sandbox(sandbox)
+        if upstream_host is not None and self.own_ports:
+            for route in self.sandbox_routes(sandbox):
+                if route.target is None:
+                    self._refuse_own(upstream_host, route.port)
         updated = Sandbox(
             sandbox,
             current.upstream_host if upstream_host is None else upstream_host,
@@ -660,6 +691,35 @@ class RouteTable:
         if existed:
             self._del_sandbox(txn, sandbox)
         return {"sandbox": sandbox, "destroyed": existed, "routes": len(doomed)}
+
+    def _check_not_own(
+        self, sandbox: str, port: int, current: Route | None, target: str | None
+    ) -> None:
+        """Refuse a route whose upstream would be one of our own listeners."""
+        if target is None and current is not None:
+            target = current.target  # a re-expose keeps the target
+        if target:
+            where = parse_target(target)
+            if isinstance(where, str):
+                if where in self.own_paths:
+                    raise RouteError(
+                        "OWN_LISTENER",
+                        f"Target {target!r} is this router's own socket; "
+                        "a route to it would bypass the router's checks",
+                    )
+                return
+            self._refuse_own(where[0], where[1])
+            return
+        sb = self.sandboxes.get(sandbox)
+        self._refuse_own(sb.upstream_host if sb else DEFAULT_UPSTREAM_HOST, port)
+
+    def _refuse_own(self, host: str, port: int) -> None:
+        if port in self.own_ports and _reaches_us(host, self.own_hosts):
+            raise RouteError(
+                "OWN_LISTENER",
+                f"Port {port} on {host} is one of this router's own listeners; "
+                "a route to it would send requests back into the router",
+            )
 
     # -- queries (no transaction) ----------------------------------------
 
@@ -730,7 +790,12 @@ class RouteTable:
     def _hostname(self, hostname: str | None) -> str:
         if hostname is None:
             return self.default_hostname
-        return grammar.check_hostname(hostname, self.domains)
+        host = grammar.check_hostname(hostname, self.domains)
+        if self.public_port and ":" not in host and grammar.is_local_hostname(host):
+            # Browsers reach a local name on the port it is served on, not
+            # on 80: the URL carries the router's port, as the default does.
+            return f"{host}:{self.public_port}"
+        return host
 
     def _exposed(self, route: Route, label: str, url_host: str) -> dict[str, Any]:
         return {

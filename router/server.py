@@ -107,6 +107,7 @@ class Service:
             await follower.start(router.table)
             router.watchers.add(follower.forward)
             router.followers.append(follower)
+        router.table.public_port = self.public_port
         if port == 0:
             router.table.default_hostname = _local_hostname(
                 router.table.domains[0], self.public_port
@@ -202,6 +203,9 @@ class Service:
             self.admin_port = server.sockets[0].getsockname()[1]
             log.info("admin listening on %s:%d", ahost, self.admin_port)
 
+        # 5b. No route may lead back into one of these listeners.
+        self._claim_own_listeners(host)
+
         # 6. The demo, when nothing else tells the router what to serve.
         demo = config.demo
         if demo is None:
@@ -209,18 +213,22 @@ class Service:
         if demo:
             demo_server, demo_port = await start_demo(loop)
             self.servers.append(demo_server)
+            # With --state the last run's demo route is stored, to a port
+            # its upstream no longer has: it is replaced, in one step.
             txn = await router.commit(
                 [
+                    {"op": "destroy_sandbox", "sandbox": DEMO_SANDBOX},
                     {
                         "op": "expose_port",
                         "sandbox": DEMO_SANDBOX,
                         "port": demo_port,
                         "token": DEMO_TOKEN,
                         "name": "demo",
-                    }
-                ]
+                    },
+                ],
+                batch=True,
             )
-            self.demo_url = txn.results[0]["url"]
+            self.demo_url = txn.results[-1]["url"]
 
         self.listening = True
         log.info(
@@ -235,6 +243,40 @@ class Service:
         if self.demo_url:
             log.info("demo route ready: curl %s", self.demo_url)
             print(f"Demo preview URL: {self.demo_url}", flush=True)
+
+    def _claim_own_listeners(self, host: str) -> None:
+        """Tell the table and the internal entry which ports are ours.
+
+        A route to the internal entry would let a public URL reach any
+        sandbox without a token; one to the public listener loops each
+        request through the router until its sockets run out.
+        """
+        assert self.router is not None
+        config = self.config
+        ports = {self.public_port, self.internal_port, self.admin_port}
+        hosts = {host}
+        paths = set()
+        if config.admin:
+            hosts.add(split_hostport(config.admin, "--admin")[0])
+        if config.internal and config.internal.startswith("unix:"):
+            paths.add(config.internal[5:])
+        elif config.internal:
+            hosts.add(split_hostport(config.internal, "--internal")[0])
+        if config.control:
+            paths.add(config.control)
+        tcp = self.control.tcp_address if self.control is not None else None
+        if tcp is not None:
+            hosts.add(tcp[0])
+            ports.add(tcp[1])
+        ports.discard(0)
+        table = self.router.table
+        table.own_ports = frozenset(ports)
+        table.own_hosts = frozenset(h.strip("[]") for h in hosts)
+        table.own_paths = frozenset(paths)
+        if self.internal_proxy is not None:
+            self.internal_proxy.reserved_ports = (
+                self.internal_proxy.reserved_ports | table.own_ports
+            )
 
     def _replace_follower(self, follower: Follower) -> None:
         if self.router is not None and not self.stopping.is_set():

@@ -83,7 +83,7 @@ def claim(path: str) -> int:
     """
     lock_path = path + ".lock"
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise StoreError(f"Route store {path}: cannot open {lock_path}: {exc}") from exc
     try:
@@ -126,6 +126,22 @@ def check_path(path: str) -> None:
         )
 
 
+def _create_private(path: str) -> None:
+    """Make a new store file readable by its owner only.
+
+    It holds every token in clear, as the control socket (also 0600) does;
+    SQLite gives the ``-wal`` and ``-shm`` files it makes beside it the
+    same mode.  An existing file keeps the mode its owner chose.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise StoreError(f"Route store {path} cannot be created: {exc}") from exc
+    os.close(fd)
+
+
 class Store:
     """One SQLite file holding the route table."""
 
@@ -147,6 +163,7 @@ class Store:
         if synchronous.upper() not in ("FULL", "NORMAL"):
             raise ValueError("synchronous must be FULL or NORMAL")
         check_path(path)
+        _create_private(path)
         db = None
         try:
             # The control layer serialises writers and hands commits to a

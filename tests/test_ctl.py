@@ -124,6 +124,12 @@ def test_every_verb_in_text(
         "v3 revoke box port 8080",
         "v4 sandbox box destroyed",
     ]
+    # A watcher ahead of the router (its store was replaced) is told so.
+    code, out, _ = run(capsys, server, "watch", "--since", "9", "--count", "1")
+    assert code == 0
+    assert out.splitlines() == [
+        "v4 snapshot: 0 sandboxes, 0 routes (resync: the router is at v4, before v9)"
+    ]
 
 
 def test_stats_text_names_nested_counters_with_dots(

@@ -27,6 +27,8 @@ from ws_harness import (
     ws_connect_unix,
 )
 
+from router.errors import RouteError
+
 
 @pytest.fixture(params=["asyncio", "uvloop"])
 def make_router(
@@ -163,6 +165,61 @@ def test_configured_reserved_ports_are_400(
     router.commit({"op": "set_sandbox", "sandbox": "alpha"})
     status, _ = internal_get(router, "alpha", 9229)
     assert status == 400
+
+
+# -- routes that would lead back into the router ----------------------------------
+
+
+def _refused(router: RouterThread, *ops: dict[str, object]) -> str:
+    try:
+        router.commit(*ops)
+    except RouteError as exc:
+        return f"{exc.code}: {exc.message}"
+    raise AssertionError(f"{ops} was accepted")
+
+
+def test_own_listeners_cannot_be_exposed(
+    make_router: Callable[..., RouterThread], tmp_path: Path
+) -> None:
+    # A public URL to the internal entry would reach any sandbox without a
+    # token; one to the public listener loops requests through the router.
+    control = str(tmp_path / "control.sock")
+    router = make_router(admin="127.0.0.1:0", control=control)
+    service = router.service
+    own = {
+        "public": service.public_port,
+        "internal": service.internal_port,
+        "admin": service.admin_port,
+    }
+    for which, port in own.items():
+        message = _refused(router, {"op": "expose_port", "sandbox": "sb", "port": port})
+        assert message.startswith(f"OWN_LISTENER: Port {port} on 127.0.0.1"), which
+        for target in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::]:{port}"):
+            op = {"op": "expose_port", "sandbox": "sb", "port": 8000, "target": target}
+            assert _refused(router, op).startswith("OWN_LISTENER: "), target
+    op = {
+        "op": "expose_port",
+        "sandbox": "sb",
+        "port": 8000,
+        "target": f"unix:{control}",
+    }
+    assert "own socket" in _refused(router, op)
+
+    # The same port on another machine is someone else's: allowed, until
+    # its sandbox is moved to this machine.
+    router.commit(
+        {"op": "set_sandbox", "sandbox": "far", "upstream_host": "10.9.8.7"},
+        {"op": "expose_port", "sandbox": "far", "port": own["internal"]},
+        batch=True,
+    )
+    moved = {"op": "set_sandbox", "sandbox": "far", "upstream_host": "127.0.0.1"}
+    assert _refused(router, moved).startswith("OWN_LISTENER: ")
+
+    # Nor can the internal entry itself be pointed at them.
+    router.commit({"op": "set_sandbox", "sandbox": "alpha"})
+    for port in own.values():
+        status, body = internal_get(router, "alpha", port)
+        assert (status, error_code(body)) == (400, "BAD_REQUEST")
 
 
 def test_stopped_sandbox_is_410(

@@ -11,6 +11,7 @@ the order of things is the point.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.client
 import json
@@ -33,6 +34,7 @@ from harness import (
     ScriptedUpstream,
     Wire,
     answer_with,
+    free_port,
     raw_request,
     request_bytes,
     router_factory,
@@ -619,6 +621,158 @@ def test_a_batch_that_leaves_the_sandbox_running_revokes_nothing(
             go.set()
             response = wire.response()
             assert (response.status, response.body) == (200, b"ok")
+
+
+# Batches after which the label "{port}-sb-keep" leads where it did.
+PUT_BACK: dict[str, Callable[[int], list[dict[str, Any]]]] = {
+    "unexpose-expose": lambda port: [
+        {"op": "unexpose_port", "sandbox": "sb", "port": port},
+        {"op": "expose_port", "sandbox": "sb", "port": port, "token": "keep"},
+    ],
+    "rotate-and-back": lambda port: [
+        {"op": "expose_port", "sandbox": "sb", "port": port, "token": "elsewhere"},
+        {"op": "expose_port", "sandbox": "sb", "port": port, "token": "keep"},
+    ],
+    "destroy-and-recreate": lambda port: [
+        {"op": "destroy_sandbox", "sandbox": "sb"},
+        {"op": "expose_port", "sandbox": "sb", "port": port, "token": "keep"},
+    ],
+}
+
+
+@pytest.mark.parametrize("how", list(PUT_BACK))
+def test_a_batch_that_puts_the_label_back_revokes_nothing(
+    make_router: MakeRouter, how: str
+) -> None:
+    # The URL never stopped working for anyone, so the request in flight
+    # on it gets its response; and it is still under watch: revoking the
+    # route afterwards ends it as usual.
+    router = make_router()
+    go = threading.Event()
+
+    def slow(peer: Peer) -> None:
+        peer.read_head()
+        go.wait(10)
+        peer.send(OK_RESPONSE)
+
+    with ScriptedUpstream(slow) as up:
+        host = router.host(router.expose("sb", up.port, token="keep"))
+        with Wire(router.port) as wire:
+            wire.send(request_bytes(host))
+            assert wait_for(lambda: up.heads)
+            router.commit(*PUT_BACK[how](up.port), batch=True)
+            go.set()
+            response = wire.response()
+            assert (response.status, response.body) == (200, b"ok")
+
+        go.clear()
+        with Wire(router.port) as wire:
+            wire.send(request_bytes(host))
+            assert wait_for(lambda: len(up.heads) == 2)
+            router.commit(*PUT_BACK[how](up.port), batch=True)
+            router.commit({"op": "unexpose_port", "sandbox": "sb", "port": up.port})
+            assert wire.response().json()["code"] == "INVALID_TOKEN"
+            go.set()
+
+
+def test_revoked_request_leaves_the_pipelined_ones_behind_it_answered(
+    make_router: MakeRouter,
+) -> None:
+    router = make_router()
+
+    def silent(peer: Peer) -> None:
+        peer.read_head()
+        peer.closed_within(8)
+
+    with ScriptedUpstream(silent) as doomed, upstream() as other:
+        doomed_host = router.host(router.expose("doomed", doomed.port))
+        other_host = router.host(router.expose("other", other.port))
+        with Wire(router.port) as wire:
+            wire.send(request_bytes(doomed_host) + request_bytes(other_host, "/a"))
+            assert wait_for(lambda: doomed.heads)
+            router.commit(
+                {"op": "unexpose_port", "sandbox": "doomed", "port": doomed.port}
+            )
+            first, second = wire.response(), wire.response()
+            assert first.json()["code"] == "INVALID_TOKEN"
+            assert first.get("Connection") != "close"
+            assert second.status == 200
+            wire.send(request_bytes(other_host, "/b"))
+            assert wire.response().status == 200
+
+
+def test_connect_timeout_0_is_no_limit(make_router: MakeRouter) -> None:
+    # As for every other timeout; it used to time every connect out at once.
+    router = make_router(connect_timeout=0)
+    with upstream() as up:
+        host = router.host(router.expose("sb", up.port))
+        with Wire(router.port) as wire:
+            wire.send(request_bytes(host))
+            assert wire.response().status == 200
+
+
+def test_urls_on_a_second_local_domain_carry_the_port(make_router: MakeRouter) -> None:
+    router = make_router(domain=["preview.test", "localhost"])
+    exposed = router.expose("sb", 8000, token="tok", hostname="localhost")
+    assert exposed["url"] == f"http://8000-sb-tok.localhost:{router.port}/"
+    assert router.service.router is not None
+    table = router.service.router.table
+    [listed] = table.get_exposed_ports("sb", hostname="localhost")
+    assert listed["url"] == exposed["url"]
+    # A port given with the hostname is kept.
+    again = router.expose("sb", 8000, hostname="localhost:9999")
+    assert again["url"] == "http://8000-sb-tok.localhost:9999/"
+
+
+class Listener:
+    """A plain TCP listener that keeps every byte it is sent."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", port))
+        self.connections = 0
+        self.received = b""
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                self.connections += 1
+                with conn:
+                    conn.settimeout(5)
+                    while data := conn.recv(65536):
+                        self.received += data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_late_connect_never_carries_the_next_request(
+    make_router: MakeRouter,
+) -> None:
+    # Request 1 is for sandbox B, whose port is down: it gets its 504 while
+    # the connect to B is still retrying (a retry window longer than the
+    # response timeout).  Request 2, on the same kept-alive connection, is
+    # for sandbox C, also down.  B's port then comes up: the old connect
+    # reaches it, and must not hand it C's request (nor C's cookie).
+    router = make_router(response_timeout=0.3, retry_window=4.0)
+    port_b, port_c = free_port(), free_port()
+    host_b = router.host(router.expose("sandbox-b", port_b))
+    host_c = router.host(router.expose("sandbox-c", port_c))
+    with Wire(router.port) as wire:
+        wire.send(request_bytes(host_b, "/for-b"))
+        first = wire.response()
+        assert first.json()["code"] == "UPSTREAM_TIMEOUT"
+        wire.send(request_bytes(host_c, "/for-c", headers=[("Cookie", "c=secret")]))
+        b_side = Listener(port_b)
+        try:
+            second = wire.response()
+            assert wait_for(lambda: b_side.connections > 0, 3)
+        finally:
+            b_side.close()
+    assert second.status in (502, 504), second
+    assert b_side.received == b""
 
 
 REVOCATIONS: dict[str, Callable[[RouterThread, int], None]] = {

@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -41,6 +42,27 @@ def test_demo_route_answers_curl() -> None:
     ) as proc:
         _check_demo(proc)
     assert proc.returncode == 0
+
+
+SERVE = [sys.executable, "-m", "router", "serve"]
+
+
+def test_demo_with_a_store_starts_again(tmp_path: Path) -> None:
+    # The first run stores its demo route (to that run's upstream port);
+    # the second replaces it instead of refusing the token as in use.
+    state = tmp_path / "routes.db"
+    for _ in range(2):
+        with subprocess.Popen(
+            [*SERVE, "--listen", "127.0.0.1:0", "--state", str(state), "--demo"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        ) as proc:
+            _check_demo(proc)
+        assert proc.returncode == 0
+    # Every token of the table is in this file: its owner's alone.
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(f"{state}.lock").st_mode) == 0o600
 
 
 def _check_demo(proc: subprocess.Popen[str]) -> None:

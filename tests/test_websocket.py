@@ -649,6 +649,22 @@ def test_tunnel_idle_for_90_seconds_still_echoes(upstream: WsUpstream) -> None:
         router.stop()
 
 
+def test_idle_tunnel_whose_client_never_answers_is_cut_after_grace(
+    make_router: Callable[..., RouterThread], upstream: WsUpstream
+) -> None:
+    # A grace period longer than the sweeper's second: the tunnel is found
+    # idle again at sweeps before its grace period is over.
+    router = make_router(tunnel_idle_timeout=0.5, grace=1.5)
+    host = public_host(router, upstream.port)
+    with raw_upgrade(router.port, host) as (head, reader, _):
+        assert head.startswith(b"HTTP/1.1 101 ")
+        opcode, payload = reader.frame()
+        assert (opcode, close_payload(payload)) == (OP_CLOSE, (1001, "tunnel idle"))
+        # No answer: the tunnel is cut once the grace period is over (the
+        # socket's timeout is 5 s).
+        assert reader.at_eof()
+
+
 def test_tunnel_idle_timeout_closes_only_idle_tunnels(
     make_router: Callable[..., RouterThread], upstream: WsUpstream
 ) -> None:

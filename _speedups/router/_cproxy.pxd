@@ -65,7 +65,7 @@ cdef class ClientConnection:
     cdef public list pending_body
     cdef public int state, deadline_kind, req_framing, status
     cdef public double deadline, started, last_active
-    cdef public long long route_id, req_remaining, sent
+    cdef public long long route_id, req_remaining, sent, serial
     cdef public bint req_done, paused, keep_alive
 
     @cython.locals(tunnel=CTunnel)
