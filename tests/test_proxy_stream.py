@@ -595,6 +595,17 @@ def test_revoked_request_waiting_for_its_head_gets_the_new_answer(
             assert wire.response().json()["code"] == code
 
 
+def answers_when(go: threading.Event) -> Callable[[Peer], None]:
+    """An upstream script: read the head, answer 200 "ok" once ``go`` is set."""
+
+    def script(peer: Peer) -> None:
+        peer.read_head()
+        go.wait(10)
+        peer.send(OK_RESPONSE)
+
+    return script
+
+
 def test_a_batch_that_leaves_the_sandbox_running_revokes_nothing(
     make_router: MakeRouter,
 ) -> None:
@@ -602,13 +613,7 @@ def test_a_batch_that_leaves_the_sandbox_running_revokes_nothing(
     # had it stopped, so the request in flight gets its response.
     router = make_router()
     go = threading.Event()
-
-    def slow(peer: Peer) -> None:
-        peer.read_head()
-        go.wait(10)
-        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-    with ScriptedUpstream(slow) as up:
+    with ScriptedUpstream(answers_when(go)) as up:
         host = router.host(router.expose("sb", up.port))
         with Wire(router.port) as wire:
             wire.send(request_bytes(host))
@@ -649,13 +654,7 @@ def test_a_batch_that_puts_the_label_back_revokes_nothing(
     # route afterwards ends it as usual.
     router = make_router()
     go = threading.Event()
-
-    def slow(peer: Peer) -> None:
-        peer.read_head()
-        go.wait(10)
-        peer.send(OK_RESPONSE)
-
-    with ScriptedUpstream(slow) as up:
+    with ScriptedUpstream(answers_when(go)) as up:
         host = router.host(router.expose("sb", up.port, token="keep"))
         with Wire(router.port) as wire:
             wire.send(request_bytes(host))

@@ -34,17 +34,7 @@ def test_version_names_the_hot_path() -> None:
 
 
 def test_demo_route_answers_curl() -> None:
-    with subprocess.Popen(
-        [sys.executable, "-m", "router", "serve", "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    ) as proc:
-        _check_demo(proc)
-    assert proc.returncode == 0
-
-
-SERVE = [sys.executable, "-m", "router", "serve"]
+    _serve_demo()
 
 
 def test_demo_with_a_store_starts_again(tmp_path: Path) -> None:
@@ -52,17 +42,22 @@ def test_demo_with_a_store_starts_again(tmp_path: Path) -> None:
     # the second replaces it instead of refusing the token as in use.
     state = tmp_path / "routes.db"
     for _ in range(2):
-        with subprocess.Popen(
-            [*SERVE, "--listen", "127.0.0.1:0", "--state", str(state), "--demo"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        ) as proc:
-            _check_demo(proc)
-        assert proc.returncode == 0
+        _serve_demo("--state", str(state), "--demo")
     # Every token of the table is in this file: its owner's alone.
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(f"{state}.lock").st_mode) == 0o600
+
+
+def _serve_demo(*flags: str) -> None:
+    """``serve`` on a free port: its demo answers curl, and SIGTERM stops it."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "router", "serve", "--listen", "127.0.0.1:0", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as proc:
+        _check_demo(proc)
+    assert proc.returncode == 0
 
 
 def _check_demo(proc: subprocess.Popen[str]) -> None:
