@@ -246,35 +246,39 @@ class Proxy:
         ends.  Such a label's connections go on under its new route id,
         where a later revocation finds them.
         """
-        # Per label touched: its route id before the message (None if the
-        # message made it) and after it (None if the message deleted it).
-        before: dict[str, int | None] = {}
-        after: dict[str, int | None] = {}
+        # Per label touched: the (route id, sandbox) of the first record on
+        # it, and of the last (None if that deleted it).  Only routes that
+        # were there before the message have connections, so a first record
+        # that made a route names one with none; an update in place keeps
+        # its route's id.  One label can be two sandboxes' (``a-b`` token
+        # ``c``, ``a`` token ``b-c``): a label handed to another sandbox is
+        # a revocation, not a move.
+        before: dict[str, tuple[int, str]] = {}
+        after: dict[str, tuple[int, str] | None] = {}
         final: dict[str, str] = {}  # each sandbox's state at the end
         for rec in message["changes"]:
             op = rec["op"]
             if op == "del_route":
                 label = rec["label"]
-                before.setdefault(label, rec["route_id"])
+                before.setdefault(label, (rec["route_id"], rec["sandbox"]))
                 after[label] = None
             elif op == "put_route":
                 route = rec["route"]
                 label = f"{route['port']}-{route['sandbox']}-{route['token']}"
-                before.setdefault(label, None)
-                after[label] = route["route_id"]
+                now = (route["route_id"], route["sandbox"])
+                before.setdefault(label, now)
+                after[label] = now
             elif op == "put_sandbox":
                 final[rec["sandbox"]["name"]] = rec["sandbox"]["state"]
             elif op == "del_sandbox":
                 final[rec["name"]] = "destroyed"
         route_ids: set[int] = set()
-        for label, old in before.items():
-            new = after[label]
-            if old is None or new == old:
-                continue
-            if new is None:
+        for label, (old, owner) in before.items():
+            last = after[label]
+            if last is None or last[1] != owner:
                 route_ids.add(old)
-            else:
-                self._move_route(old, new)
+            elif last[0] != old:
+                self._move_route(old, last[0])
         stopped = {name for name, state in final.items() if state == "stopped"}
         sandboxes = {name for name, state in final.items() if state != "running"}
         if route_ids or sandboxes:
@@ -493,9 +497,10 @@ class ClientConnection:
         self.upstream = None
         if up is not None:
             # The client went away mid-request: the upstream connection is
-            # in an unknown state, so it is closed, not pooled (SPEC §4).
+            # in an unknown state, so it is cut, not pooled (SPEC §4); what
+            # it still had to write is for nobody now.
             up.client = None
-            up.close()
+            up.close(abort=True)
 
     def pause_writing(self) -> None:
         up = self.upstream
@@ -660,7 +665,7 @@ class ClientConnection:
             up.start(self, out, head.method == b"HEAD")
         else:
             self.pending_body = [out]
-            proxy.loop.create_task(self._connect(key))
+            self._start_connect(key)
         self._arm(DL_RESPONSE, proxy.response_timeout)
 
         # 3. Body bytes that came with the head.
@@ -706,13 +711,17 @@ class ClientConnection:
             return False
         return any(addr in net for net in self.proxy.trusted)
 
-    async def _connect(self, key: tuple[str, Address]) -> None:
+    def _start_connect(self, key: tuple[str, Address]) -> None:
+        # The request's serial is taken now, not when the task first runs:
+        # by then a timer may have ended this request and begun the next.
+        self.proxy.loop.create_task(self._connect(key, self.serial))
+
+    async def _connect(self, key: tuple[str, Address], serial: int) -> None:
         # The connect is for this request only.  The request may end while
         # it is under way (a 504 from the response timer, a revocation) and
         # the next one on this connection may be for another sandbox: what
         # the connect brings then, a socket or a failure, is not the next
         # request's (a socket would carry its head to the wrong upstream).
-        serial = self.serial
         try:
             up = await self.proxy.connect(key)
         except (ConnectionRefusedError, FileNotFoundError):
@@ -987,6 +996,11 @@ class ClientConnection:
             self.proxy.stats.errors += 1
             self.head = None
             self._reply("REQUEST_TIMEOUT", close=True)
+        elif kind == DL_GRACE:
+            # Cut, not closed: a close waits for the write buffer to drain,
+            # and a peer that stopped reading would hold the socket (and
+            # the sandbox's, see ``connection_lost``) for ever.
+            self._close(abort=True)
         else:
             self._close()
 
@@ -1050,11 +1064,14 @@ class ClientConnection:
             self.paused = False
             self.transport.resume_reading()
 
-    def _close(self) -> None:
+    def _close(self, abort: bool = False) -> None:
         self.state = CLOSED
         self.deadline = 0.0
         if self.transport is not None:
-            self.transport.close()
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
 
 class UpstreamConnection:
@@ -1383,7 +1400,7 @@ class UpstreamConnection:
                 # request never reached it, so it is sent again on a fresh
                 # one (only bodiless requests: a body may be half gone).
                 client.pending_body = [self.sent_head]
-                self.proxy.loop.create_task(client._connect(self.key))
+                client._start_connect(self.key)
                 return
             client._upstream_failed("UPSTREAM_CLOSED")
         else:
@@ -1391,7 +1408,7 @@ class UpstreamConnection:
             # one, so its connection is closed too (SPEC §4).
             client._close()
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         relay = self.relay
         if relay is not None:
             # The relay holds duplicates of the socket: without this the
@@ -1399,7 +1416,10 @@ class UpstreamConnection:
             self.relay = None
             relay.cancel()
         if self.transport is not None:
-            self.transport.close()
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
 
 def _factory(up: UpstreamConnection) -> Callable[[], asyncio.Protocol]:

@@ -166,18 +166,22 @@ class Tunnel:
                 self._splice(tracker, out)
             return
 
-        # Ending: pass on only the rest of the frame in flight.  What comes
-        # after it is not passed on (the other side gets, or has, our close
-        # frame, and nothing may follow that), but it is read: the close
-        # frame this side answers ours with is in it.
-        if not tracker.at_boundary:
+        # Ending: pass on only the rest of the frame that was in flight
+        # when the ending began, then our close frame goes to ``out``
+        # (``_try_finish``).  Nothing after that is passed on, whatever it
+        # claims to be: it is only read, for the close frame this side
+        # answers ours with.  (Read before our frame is written, a close
+        # from this side would be taken for one already passed on.)
+        told = self.upstream_told if out is self.upstream else self.client_told
+        if not told and not tracker.at_boundary:
             cut = _frame_rest(tracker, data)
             if not out.is_closing():
                 out.write(data[:cut])
             data = data[cut:]
+        self._try_finish()
         if data:
             tracker.feed(data)
-        self._try_finish()
+            self._try_finish()
 
     def _splice(self, tracker: FrameTracker, out: Any) -> None:
         """Move the rest of a large frame's payload without Python copies.
@@ -269,7 +273,9 @@ class Tunnel:
                     )
                 self.client.close()
         elif not self.upstream.is_closing():
-            self.upstream.close()
+            # Cut: a sandbox that stopped reading would never let a close
+            # finish, and nothing it was owed matters once the client left.
+            self.upstream.abort()
 
 
 def _frame_rest(tracker: FrameTracker, data: bytes) -> int:

@@ -23,9 +23,12 @@ so a follower never needs to remember which label a port had.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
+import os
 import re
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
@@ -182,19 +185,71 @@ def parse_target(target: str) -> tuple[str, int] | str:
 
 
 def _reaches_us(host: str, own_hosts: frozenset[str]) -> bool:
-    """Whether a connection to ``host`` may land on this machine's listeners:
-    a loopback or unspecified address, ``localhost``, or an address the
-    router listens on."""
+    """Whether a connection to ``host`` may land on this machine's listeners.
+
+    That is a loopback or unspecified address in any spelling the resolver
+    takes (``::ffff:127.0.0.1``, ``127.1``, ``2130706433``, ``0``), a
+    ``localhost`` name, a name ``/etc/hosts`` gives such an address, or an
+    address the router listens on.  Names only DNS knows are not looked
+    up: that would stall the control loop.
+    """
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if bare.lower() == "localhost" or bare.lower().endswith(".localhost"):
+    bare = bare.rstrip(".").lower()
+    if bare == "localhost" or bare.endswith(".localhost") or bare in own_hosts:
         return True
-    if bare in own_hosts:
-        return True
+    addresses = [bare, *_etc_hosts().get(bare, ())]
+    return any(_is_local_address(a, own_hosts) for a in addresses)
+
+
+def _is_local_address(text: str, own_hosts: frozenset[str]) -> bool:
     try:
-        address = ipaddress.ip_address(bare)
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
+            text
+        )
     except ValueError:
-        return False
-    return address.is_loopback or address.is_unspecified
+        try:
+            # The classic IPv4 spellings getaddrinfo still accepts.
+            address = ipaddress.IPv4Address(socket.inet_aton(text))
+        except OSError:
+            return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_loopback or address.is_unspecified or str(address) in own_hosts
+
+
+def _etc_hosts(path: str = "/etc/hosts") -> dict[str, tuple[str, ...]]:
+    """Name → addresses of the hosts file (read again when it changes)."""
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError:
+        return {}
+    cached = _HOSTS_CACHE.get(path)
+    if cached is not None and cached[0] == mtime:
+        return cached[1]
+    names: dict[str, list[str]] = {}
+    with contextlib.suppress(OSError, UnicodeDecodeError), open(path) as fh:
+        for line in fh:
+            fields = line.split("#", 1)[0].split()
+            for name in fields[1:]:
+                names.setdefault(name.rstrip(".").lower(), []).append(fields[0])
+    table = {name: tuple(addrs) for name, addrs in names.items()}
+    _HOSTS_CACHE[path] = (mtime, table)
+    return table
+
+
+_HOSTS_CACHE: dict[str, tuple[int, dict[str, tuple[str, ...]]]] = {}
+
+
+def _same_socket(path: str, own: frozenset[str]) -> bool:
+    """``path`` is one of ``own``, however spelt (``//``, ``/./``, links)."""
+    real = os.path.realpath(path)
+    for mine in own:
+        if real == os.path.realpath(mine):
+            return True
+        with contextlib.suppress(OSError):
+            if os.path.samefile(path, mine):
+                return True
+    return False
 
 
 def check_upstream_host(host: object) -> str:
@@ -698,10 +753,15 @@ class RouteTable:
         """Refuse a route whose upstream would be one of our own listeners."""
         if target is None and current is not None:
             target = current.target  # a re-expose keeps the target
+        sb = self.sandboxes.get(sandbox)
+        host = sb.upstream_host if sb else DEFAULT_UPSTREAM_HOST
+        self._check_target_or_host(port, target, host)
+
+    def _check_target_or_host(self, port: int, target: str | None, host: str) -> None:
         if target:
             where = parse_target(target)
             if isinstance(where, str):
-                if where in self.own_paths:
+                if _same_socket(where, self.own_paths):
                     raise RouteError(
                         "OWN_LISTENER",
                         f"Target {target!r} is this router's own socket; "
@@ -710,8 +770,16 @@ class RouteTable:
                 return
             self._refuse_own(where[0], where[1])
             return
-        sb = self.sandboxes.get(sandbox)
-        self._refuse_own(sb.upstream_host if sb else DEFAULT_UPSTREAM_HOST, port)
+        self._refuse_own(host, port)
+
+    def leads_to_own(self, port: int, target: str | None, host: str) -> bool:
+        """Whether a route (its port, target, sandbox host) reaches one of
+        the router's own listeners."""
+        try:
+            self._check_target_or_host(port, target, host)
+        except RouteError:
+            return True
+        return False
 
     def _refuse_own(self, host: str, port: int) -> None:
         if port in self.own_ports and _reaches_us(host, self.own_hosts):

@@ -205,6 +205,7 @@ class Service:
 
         # 5b. No route may lead back into one of these listeners.
         self._claim_own_listeners(host)
+        await self._unexpose_routes_into_us()
 
         # 6. The demo, when nothing else tells the router what to serve.
         demo = config.demo
@@ -276,6 +277,37 @@ class Service:
         if self.internal_proxy is not None:
             self.internal_proxy.reserved_ports = (
                 self.internal_proxy.reserved_ports | table.own_ports
+            )
+
+    async def _unexpose_routes_into_us(self) -> None:
+        """Stored routes that lead into one of this run's listeners go.
+
+        They were checked against the listeners of the run that made them;
+        a router restarted on other ports may listen where a sandbox did.
+        Served, such a route would loop or reach the internal entry.
+        """
+        assert self.router is not None
+        router, table = self.router, self.router.table
+        if router.store is None or not table.own_ports:
+            return
+        doomed = [
+            (sandbox, port)
+            for sandbox, port, target, host in router.store.routes_that_may_reach(
+                table.own_ports
+            )
+            if table.leads_to_own(port, target, host)
+        ]
+        for sandbox, port in doomed:
+            log.error(
+                "stored route of sandbox %s port %d leads into this router's own "
+                "listener: unexposed",
+                sandbox,
+                port,
+            )
+        if doomed:
+            await router.commit(
+                [{"op": "unexpose_port", "sandbox": s, "port": p} for s, p in doomed],
+                batch=True,
             )
 
     def _replace_follower(self, follower: Follower) -> None:

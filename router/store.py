@@ -268,6 +268,27 @@ class Store:
         """One sandbox's routes, or every route for ``None`` (committed ones)."""
         return self._routes(self._reader, sandbox)
 
+    def routes_that_may_reach(
+        self, ports: frozenset[int]
+    ) -> list[tuple[str, int, str | None, str]]:
+        """(sandbox, port, target, upstream host) of every stored route on
+        one of ``ports`` or with a target: the candidates for leading into
+        one of the router's own listeners (``Service``)."""
+        marks = ",".join("?" * len(ports))
+        try:
+            rows = self._reader.execute(
+                "SELECT r.sandbox, r.port, r.target, s.upstream_host "
+                "FROM routes r LEFT JOIN sandboxes s ON s.name = r.sandbox "
+                f"WHERE r.port IN ({marks}) OR r.target IS NOT NULL",
+                sorted(ports),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"Route store {self.path} cannot be read: {exc}") from exc
+        return [
+            (sandbox, port, target, host or "127.0.0.1")
+            for sandbox, port, target, host in rows
+        ]
+
     def all_routes(self) -> list[Route]:
         """Every committed route, on a connection of its own: for a thread
         of its own, while ``routes_of`` may run on the event loop."""

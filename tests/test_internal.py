@@ -8,13 +8,14 @@ those headers.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import Recorder, RouterThread, UpstreamServer, serve_refused
+from harness import Recorder, RouterThread, UpstreamServer, free_port, serve_refused
 from websockets.exceptions import InvalidStatus
 from ws_harness import (
     TIMEOUT,
@@ -194,16 +195,23 @@ def test_own_listeners_cannot_be_exposed(
     for which, port in own.items():
         message = _refused(router, {"op": "expose_port", "sandbox": "sb", "port": port})
         assert message.startswith(f"OWN_LISTENER: Port {port} on 127.0.0.1"), which
-        for target in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::]:{port}"):
+        spellings = (
+            "127.0.0.1",
+            "localhost",
+            "LocalHost.",
+            "[::]",
+            "[::ffff:127.0.0.1]",
+            "127.1",
+            "2130706433",
+            "0",
+        )
+        for target in (f"{host}:{port}" for host in spellings):
             op = {"op": "expose_port", "sandbox": "sb", "port": 8000, "target": target}
             assert _refused(router, op).startswith("OWN_LISTENER: "), target
-    op = {
-        "op": "expose_port",
-        "sandbox": "sb",
-        "port": 8000,
-        "target": f"unix:{control}",
-    }
-    assert "own socket" in _refused(router, op)
+    for path in (control, f"/{control}", control.replace("/control", "/./control")):
+        target = f"unix:{path}"
+        op = {"op": "expose_port", "sandbox": "sb", "port": 8000, "target": target}
+        assert "own socket" in _refused(router, op), path
 
     # The same port on another machine is someone else's: allowed, until
     # its sandbox is moved to this machine.
@@ -220,6 +228,34 @@ def test_own_listeners_cannot_be_exposed(
     for port in own.values():
         status, body = internal_get(router, "alpha", port)
         assert (status, error_code(body)) == (400, "BAD_REQUEST")
+
+
+def test_stored_routes_into_a_later_runs_listeners_are_unexposed(
+    make_router: Callable[..., RouterThread],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Made when nothing of the router listened there; the next run has its
+    # internal entry and its admin listener on those very ports.
+    state = str(tmp_path / "routes.db")
+    internal, admin = free_port(), free_port()
+    first = make_router(state=state)
+    first.expose("victim", 8000, token="direct")
+    first.expose("s", internal, token="t")
+    first.expose("s", 8001, token="u", target=f"127.0.0.1:{admin}")
+    first.stop()
+
+    with caplog.at_level(logging.ERROR, logger="edge_router"):
+        second = make_router(
+            state=state, internal=f"127.0.0.1:{internal}", admin=f"127.0.0.1:{admin}"
+        )
+    assert second.service.router is not None
+    table = second.service.router.table
+    assert table.sandbox_routes("s") == []
+    assert [r.port for r in table.sandbox_routes("victim")] == [8000]
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(f"sandbox s port {internal} leads into" in m for m in logged), logged
+    assert any("sandbox s port 8001 leads into" in m for m in logged), logged
 
 
 def test_stopped_sandbox_is_410(

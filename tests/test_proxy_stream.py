@@ -674,6 +674,46 @@ def test_a_batch_that_puts_the_label_back_revokes_nothing(
             go.set()
 
 
+# (sandbox, token) of the route in flight, and a batch that looks like a
+# put-back but is not one.
+NOT_PUT_BACK: dict[str, tuple[str, str, Callable[[int], list[dict[str, Any]]]]] = {
+    "updated-then-unexposed": (
+        "sb",
+        "keep",
+        lambda port: [
+            {"op": "expose_port", "sandbox": "sb", "port": port, "name": "new"},
+            {"op": "unexpose_port", "sandbox": "sb", "port": port},
+        ],
+    ),
+    # Sandbox a-b token c and sandbox a token b-c have one label.
+    "label-to-another-sandbox": (
+        "a-b",
+        "c",
+        lambda port: [
+            {"op": "unexpose_port", "sandbox": "a-b", "port": port},
+            {"op": "expose_port", "sandbox": "a", "port": port, "token": "b-c"},
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("how", list(NOT_PUT_BACK))
+def test_a_batch_that_only_looks_like_a_put_back_revokes(
+    make_router: MakeRouter, how: str
+) -> None:
+    router = make_router()
+    sandbox, token, batch = NOT_PUT_BACK[how]
+    go = threading.Event()
+    with ScriptedUpstream(answers_when(go)) as up:
+        host = router.host(router.expose(sandbox, up.port, token=token))
+        with Wire(router.port) as wire:
+            wire.send(request_bytes(host))
+            assert wait_for(lambda: up.heads)
+            router.commit(*batch(up.port), batch=True)
+            assert wire.response().json()["code"] == "INVALID_TOKEN"
+            go.set()
+
+
 def test_revoked_request_leaves_the_pipelined_ones_behind_it_answered(
     make_router: MakeRouter,
 ) -> None:
@@ -784,6 +824,36 @@ REVOCATIONS: dict[str, Callable[[RouterThread, int], None]] = {
     ),
     "destroy": lambda r, port: r.commit({"op": "destroy_sandbox", "sandbox": "doomed"}),
 }
+
+
+def test_revoked_stream_to_a_client_that_stopped_reading_is_cut(
+    make_router: MakeRouter,
+) -> None:
+    # A close would wait for the router's write buffer to drain, which a
+    # client that reads nothing never lets happen: both sockets would be
+    # held for ever.  After the grace period they are cut.
+    router = make_router(grace=0.5)
+    flooded = threading.Event()
+
+    def flood(peer: Peer) -> None:
+        peer.read_head()
+        peer.send(CHUNKED_HEAD)
+        with contextlib.suppress(OSError):
+            for sent in range(2000):
+                peer.send(chunk(b"x" * 65536))
+                if sent > 100:
+                    flooded.set()
+
+    with ScriptedUpstream(flood) as up:
+        host = router.host(router.expose("sb", up.port))
+        with Wire(router.port) as wire:
+            wire.send(request_bytes(host))
+            assert flooded.wait(10), "the upstream never got ahead of the client"
+            proxy = router.service.proxy
+            assert proxy is not None and len(proxy.clients) == 1
+            router.commit({"op": "unexpose_port", "sandbox": "sb", "port": up.port})
+            # The grace period (0.5 s), checked by a once-a-second sweep.
+            assert wait_for(lambda: not proxy.clients, 5), "connection kept"
 
 
 @pytest.mark.parametrize("how", list(REVOCATIONS))

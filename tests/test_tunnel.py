@@ -221,6 +221,9 @@ class FakeTransport:
     def close(self) -> None:
         self.closed = True
 
+    def abort(self) -> None:
+        self.closed = True
+
     def is_closing(self) -> bool:
         return self.closed
 
@@ -272,6 +275,50 @@ def test_end_mid_frame_finishes_the_frame_first() -> None:
     tunnel.from_client(CLIENT_ANSWER)
     tunnel.from_upstream(UPSTREAM_ANSWER)
     assert client.closed and upstream.closed
+
+
+def test_nothing_after_the_frame_in_flight_reaches_the_other_side() -> None:
+    # A revoked client finishes its frame, then starts a frame claiming
+    # 2^40 bytes and hides whole messages inside it: none may reach the
+    # sandbox, in this read or in later ones.
+    tunnel, _, upstream = _tunnel()
+    frame = _header(10, True) + b"0123456789"
+    tunnel.from_client(frame[:8])
+    tunnel.end(POLICY_VIOLATION, 1001, "route revoked")
+    assert upstream.written == frame[:8]
+    tunnel.from_client(frame[8:] + _header(1 << 40, True))
+    assert upstream.written.startswith(frame)
+    told = upstream.written
+    assert _decode(told[len(frame) :], from_client=True).payload[0] == 1001
+    for _ in range(3):
+        tunnel.from_client(_header(5, True) + b"hello")
+    assert upstream.written == told
+
+
+def test_upstream_mid_frame_finishing_and_answering_in_one_read() -> None:
+    # The client still gets the router's close frame: the upstream's close
+    # (its answer to ours) was read, not passed on.
+    tunnel, client, upstream = _tunnel()
+    frame = _header(10, False) + b"0123456789"
+    tunnel.from_upstream(frame[:5])
+    tunnel.end(POLICY_VIOLATION, 1001, "route revoked")
+    tunnel.from_upstream(frame[5:] + UPSTREAM_ANSWER)
+    assert client.written.startswith(frame)
+    assert _decode(client.written[len(frame) :], from_client=False).payload[0] == 1008
+    assert upstream.closed and not client.closed
+    tunnel.from_client(CLIENT_ANSWER)
+    assert client.closed
+
+
+def test_client_mid_frame_finishing_and_answering_in_one_read() -> None:
+    tunnel, client, upstream = _tunnel()
+    frame = _header(10, True) + b"0123456789"
+    tunnel.from_client(frame[:5])
+    tunnel.end(POLICY_VIOLATION, 1001, "route revoked")
+    tunnel.from_client(frame[5:] + CLIENT_ANSWER)
+    assert upstream.written.startswith(frame)
+    assert _decode(upstream.written[len(frame) :], from_client=True).payload[0] == 1001
+    assert client.closed
 
 
 def test_upstream_answer_split_across_reads() -> None:

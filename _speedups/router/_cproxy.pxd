@@ -103,7 +103,7 @@ cdef class ClientConnection:
 
     cpdef _resume_client(self)
 
-    cpdef _close(self)
+    cpdef _close(self, bint abort=*)
 
 
 @cython.final
