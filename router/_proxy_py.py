@@ -27,6 +27,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -143,6 +144,14 @@ class Proxy:
         self.fallback: Address | None = (
             parse_target(config.fallback) if config.fallback else None
         )
+        # The router's own Unix sockets, checked at each connect to a path:
+        # what a path leads to can change after its route was made (a
+        # link put there later), and a route into the internal entry or
+        # the control socket would skip every check.
+        own = [config.control] if config.control else []
+        if config.internal and config.internal.startswith("unix:"):
+            own.append(config.internal[5:])
+        self.own_sockets = tuple(own)
         self.pools: dict[tuple[str, Address], list[UpstreamConnection]] = {}
         self.local_hosts: dict[int, bytes] = {}
         self.clients: set[ClientConnection] = set()
@@ -331,6 +340,8 @@ class Proxy:
         connects are retried with backoff before answering 502.
         """
         address = key[1]
+        if isinstance(address, str) and _own_socket(address, self.own_sockets):
+            raise PermissionError(f"{address} is this router's own socket")
         deadline = self.loop.time() + self.config.retry_window
         delay = 0.02
         while True:
@@ -1420,6 +1431,14 @@ class UpstreamConnection:
                 self.transport.abort()
             else:
                 self.transport.close()
+
+
+def _own_socket(path: str, own: tuple[str, ...]) -> bool:
+    for mine in own:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(path, mine):
+                return True
+    return False
 
 
 def _factory(up: UpstreamConnection) -> Callable[[], asyncio.Protocol]:

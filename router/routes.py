@@ -173,7 +173,7 @@ def parse_target(target: str) -> tuple[str, int] | str:
     if (
         not sep
         or not host
-        or not port.isdigit()
+        or not (port.isascii() and port.isdigit())
         or not 1 <= int(port) <= 65535
         or any(c in host for c in " /\\\0")
     ):
@@ -293,6 +293,9 @@ class RouteTable:
         self.own_ports: frozenset[int] = frozenset()
         self.own_hosts: frozenset[str] = frozenset()
         self.own_paths: frozenset[str] = frozenset()
+        # Ports of listeners bound to every address (0.0.0.0, ::): any of
+        # this machine's addresses reaches them, so any host counts.
+        self.own_wildcard_ports: frozenset[int] = frozenset()
         self.version = 0
         # Every route, by sandbox then port: token checks and listings
         # touch one sandbox's ports, never the whole table.  This is the
@@ -782,7 +785,9 @@ class RouteTable:
         return False
 
     def _refuse_own(self, host: str, port: int) -> None:
-        if port in self.own_ports and _reaches_us(host, self.own_hosts):
+        if port in self.own_ports and (
+            port in self.own_wildcard_ports or _reaches_us(host, self.own_hosts)
+        ):
             raise RouteError(
                 "OWN_LISTENER",
                 f"Port {port} on {host} is one of this router's own listeners; "

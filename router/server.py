@@ -257,8 +257,12 @@ class Service:
         ports = {self.public_port, self.internal_port, self.admin_port}
         hosts = {host}
         paths = set()
+        wildcard = {self.public_port} if _is_wildcard(host) else set()
         if config.admin:
-            hosts.add(split_hostport(config.admin, "--admin")[0])
+            admin_host = split_hostport(config.admin, "--admin")[0]
+            hosts.add(admin_host)
+            if _is_wildcard(admin_host):
+                wildcard.add(self.admin_port)
         if config.internal and config.internal.startswith("unix:"):
             paths.add(config.internal[5:])
         elif config.internal:
@@ -274,6 +278,7 @@ class Service:
         table.own_ports = frozenset(ports)
         table.own_hosts = frozenset(h.strip("[]") for h in hosts)
         table.own_paths = frozenset(paths)
+        table.own_wildcard_ports = frozenset(wildcard)
         if self.internal_proxy is not None:
             self.internal_proxy.reserved_ports = (
                 self.internal_proxy.reserved_ports | table.own_ports
@@ -370,6 +375,14 @@ async def _listen(flag: str, value: str, opening: Awaitable[T]) -> T:
             if exc.errno == errno.EADDRINUSE
             else f"{flag} {value}: {why}"
         ) from exc
+
+
+def _is_wildcard(host: str) -> bool:
+    """A listen address that binds every address of the machine."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return host == ""
 
 
 def _is_loopback(host: str) -> bool:

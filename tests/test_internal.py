@@ -230,6 +230,27 @@ def test_own_listeners_cannot_be_exposed(
         assert (status, error_code(body)) == (400, "BAD_REQUEST")
 
 
+def test_a_path_made_into_an_own_socket_later_is_refused_at_connect(
+    make_router: Callable[..., RouterThread],
+    tmp_path: Path,
+    recorder: UpstreamServer,
+) -> None:
+    # Accepted while nothing is there; then the path becomes a link to the
+    # internal entry, which would let the public URL skip every token.
+    internal = tmp_path / "internal.sock"
+    router = make_router(internal=f"unix:{internal}")
+    router.commit({"op": "set_sandbox", "sandbox": "victim"})
+    app = tmp_path / "sandbox" / "app.sock"
+    app.parent.mkdir()
+    host = router.host(router.expose("attacker", 5000, target=f"unix:{app}"))
+    app.symlink_to(internal)
+    status, _, body = http_request(
+        router.port, host, "/", sandbox_headers("victim", recorder.port)
+    )
+    assert (status, error_code(body)) == (502, "UPSTREAM_UNAVAILABLE")
+    assert not recorder.seen
+
+
 def test_stored_routes_into_a_later_runs_listeners_are_unexposed(
     make_router: Callable[..., RouterThread],
     tmp_path: Path,

@@ -124,6 +124,8 @@ def test_expose_sandbox_id_normalised(table: RouteTable) -> None:
         ({"sandbox": "s" * 41, "port": 10000, "token": "t" * 16}, "LABEL_TOO_LONG"),
         ({"target": "nowhere"}, "INVALID_TARGET"),
         ({"target": "unix:relative.sock"}, "INVALID_TARGET"),
+        # A digit to str.isdigit, not to int(): was an INTERNAL_ERROR.
+        ({"target": "127.0.0.1:\u00b2"}, "INVALID_TARGET"),
         ({"host": "keep"}, "INVALID_HOST_POLICY"),
         ({"name": "\x1b[31mred"}, "INVALID_NAME"),
         ({"name": "n" * 257}, "INVALID_NAME"),
@@ -134,6 +136,22 @@ def test_expose_refusals(table: RouteTable, args: dict[str, Any], code: str) -> 
     op = {"op": "expose_port", "sandbox": "sb", "port": 8080, **args}
     refused(code, table, [op])
     assert "sb" not in table.sandboxes
+
+
+def test_own_listener_ports_by_host(table: RouteTable) -> None:
+    # 8787 is a listener on one address, 9787 one on every address: a
+    # sandbox on another machine may use 8787, no host may use 9787.
+    table.own_ports = frozenset({8787, 9787})
+    table.own_hosts = frozenset({"127.0.0.1"})
+    table.own_wildcard_ports = frozenset({9787})
+    far = {"op": "set_sandbox", "sandbox": "far", "upstream_host": "192.0.2.5"}
+    table.run([far])
+    expose(table, "far", 8787)
+    refused(
+        "OWN_LISTENER", table, [{"op": "expose_port", "sandbox": "far", "port": 9787}]
+    )
+    op = {"op": "expose_port", "sandbox": "near", "port": 8787}
+    refused("OWN_LISTENER", table, [op])
 
 
 def test_expose_label_too_long_names_the_label(table: RouteTable) -> None:

@@ -34,7 +34,7 @@ cdef class Stats:
 @cython.final
 cdef class Proxy:
     cdef public object config, reserved_ports, table, loop, now, domains
-    cdef public object trusted, fallback, _sweeper
+    cdef public object trusted, fallback, _sweeper, own_sockets
     cdef public LabelIndex index
     cdef public Hit hit
     cdef public list sandbox_names, sandbox_hosts, targets
