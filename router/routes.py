@@ -197,23 +197,35 @@ def _reaches_us(host: str, own_hosts: frozenset[str]) -> bool:
     bare = bare.rstrip(".").lower()
     if bare == "localhost" or bare.endswith(".localhost") or bare in own_hosts:
         return True
-    addresses = [bare, *_etc_hosts().get(bare, ())]
-    return any(_is_local_address(a, own_hosts) for a in addresses)
+    address = _address(bare)
+    if address is None:
+        # A name: only the hosts file is asked (the stat behind it is
+        # skipped for addresses, which a bulk check has many of).
+        found = (_address(a) for a in _etc_hosts().get(bare, ()))
+        return any(a is not None and _is_ours(a, own_hosts) for a in found)
+    return _is_ours(address, own_hosts)
 
 
-def _is_local_address(text: str, own_hosts: frozenset[str]) -> bool:
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an address, in any spelling getaddrinfo takes; or None."""
     try:
         address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
             text
         )
     except ValueError:
         try:
-            # The classic IPv4 spellings getaddrinfo still accepts.
+            # The classic IPv4 spellings (127.1, 2130706433, 0x7f000001).
             address = ipaddress.IPv4Address(socket.inet_aton(text))
         except OSError:
-            return False
+            return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
+        return address.ipv4_mapped
+    return address
+
+
+def _is_ours(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address, own_hosts: frozenset[str]
+) -> bool:
     return address.is_loopback or address.is_unspecified or str(address) in own_hosts
 
 
