@@ -27,7 +27,6 @@ import contextlib
 import errno
 import ipaddress
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from typing import Any, cast
 from . import answers, grammar
 from .config import Config
 from .errors import RouteError
-from .routes import FLAG_PRESERVE_HOST, ForwardingTable, parse_target
+from .routes import FLAG_PRESERVE_HOST, ForwardingTable, parse_target, same_socket
 from .speedups import http, labels
 from .speedups import tunnel as _tunnel
 from .splice import SpliceRelay, can_splice
@@ -148,10 +147,7 @@ class Proxy:
         # what a path leads to can change after its route was made (a
         # link put there later), and a route into the internal entry or
         # the control socket would skip every check.
-        own = [config.control] if config.control else []
-        if config.internal and config.internal.startswith("unix:"):
-            own.append(config.internal[5:])
-        self.own_sockets = tuple(own)
+        self.own_sockets = config.unix_listeners()
         self.pools: dict[tuple[str, Address], list[UpstreamConnection]] = {}
         self.local_hosts: dict[int, bytes] = {}
         self.clients: set[ClientConnection] = set()
@@ -273,7 +269,9 @@ class Proxy:
                 after[label] = None
             elif op == "put_route":
                 route = rec["route"]
-                label = f"{route['port']}-{route['sandbox']}-{route['token']}"
+                label = grammar.make_label(
+                    route["port"], route["sandbox"], route["token"]
+                )
                 now = (route["route_id"], route["sandbox"])
                 before.setdefault(label, now)
                 after[label] = now
@@ -340,7 +338,7 @@ class Proxy:
         connects are retried with backoff before answering 502.
         """
         address = key[1]
-        if isinstance(address, str) and _own_socket(address, self.own_sockets):
+        if isinstance(address, str) and same_socket(address, self.own_sockets):
             raise PermissionError(f"{address} is this router's own socket")
         deadline = self.loop.time() + self.config.retry_window
         delay = 0.02
@@ -1431,14 +1429,6 @@ class UpstreamConnection:
                 self.transport.abort()
             else:
                 self.transport.close()
-
-
-def _own_socket(path: str, own: tuple[str, ...]) -> bool:
-    for mine in own:
-        with contextlib.suppress(OSError):
-            if os.path.samefile(path, mine):
-                return True
-    return False
 
 
 def _factory(up: UpstreamConnection) -> Callable[[], asyncio.Protocol]:

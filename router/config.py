@@ -48,6 +48,13 @@ class Config:
     def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(c, strict=False) for c in self.trusted_proxy]
 
+    def unix_listeners(self) -> tuple[str, ...]:
+        """The paths of the router's own Unix sockets (control, internal)."""
+        paths = [self.control] if self.control else []
+        if self.internal and self.internal.startswith("unix:"):
+            paths.append(self.internal[5:])
+        return tuple(paths)
+
 
 # name -> (flag help, parser for env/TOML strings)
 HELP = {

@@ -252,7 +252,7 @@ def _etc_hosts(path: str = "/etc/hosts") -> dict[str, tuple[str, ...]]:
 _HOSTS_CACHE: dict[str, tuple[int, dict[str, tuple[str, ...]]]] = {}
 
 
-def _same_socket(path: str, own: frozenset[str]) -> bool:
+def same_socket(path: str, own: Iterable[str]) -> bool:
     """``path`` is one of ``own``, however spelt (``//``, ``/./``, links)."""
     real = os.path.realpath(path)
     for mine in own:
@@ -776,7 +776,7 @@ class RouteTable:
         if target:
             where = parse_target(target)
             if isinstance(where, str):
-                if _same_socket(where, self.own_paths):
+                if same_socket(where, self.own_paths):
                     raise RouteError(
                         "OWN_LISTENER",
                         f"Target {target!r} is this router's own socket; "

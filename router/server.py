@@ -256,19 +256,14 @@ class Service:
         config = self.config
         ports = {self.public_port, self.internal_port, self.admin_port}
         hosts = {host}
-        paths = set()
         wildcard = {self.public_port} if _is_wildcard(host) else set()
         if config.admin:
             admin_host = split_hostport(config.admin, "--admin")[0]
             hosts.add(admin_host)
             if _is_wildcard(admin_host):
                 wildcard.add(self.admin_port)
-        if config.internal and config.internal.startswith("unix:"):
-            paths.add(config.internal[5:])
-        elif config.internal:
+        if config.internal and not config.internal.startswith("unix:"):
             hosts.add(split_hostport(config.internal, "--internal")[0])
-        if config.control:
-            paths.add(config.control)
         tcp = self.control.tcp_address if self.control is not None else None
         if tcp is not None:
             hosts.add(tcp[0])
@@ -277,7 +272,7 @@ class Service:
         table = self.router.table
         table.own_ports = frozenset(ports)
         table.own_hosts = frozenset(h.strip("[]") for h in hosts)
-        table.own_paths = frozenset(paths)
+        table.own_paths = frozenset(config.unix_listeners())
         table.own_wildcard_ports = frozenset(wildcard)
         if self.internal_proxy is not None:
             self.internal_proxy.reserved_ports = (

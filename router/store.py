@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import StoreError
-from .routes import Route, Sandbox, Transaction
+from .routes import DEFAULT_UPSTREAM_HOST, Route, Sandbox, Transaction
 
 log = logging.getLogger("edge_router")
 
@@ -285,7 +285,7 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"Route store {self.path} cannot be read: {exc}") from exc
         return [
-            (sandbox, port, target, host or "127.0.0.1")
+            (sandbox, port, target, host or DEFAULT_UPSTREAM_HOST)
             for sandbox, port, target, host in rows
         ]
 
