@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import stop_process
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -251,11 +252,5 @@ class Chromium:
         self.stop()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 10)
         self._profile.cleanup()

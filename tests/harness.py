@@ -586,15 +586,20 @@ class RouterProcess:
         raise LookupError(field)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 15)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+def stop_process(proc: subprocess.Popen[Any], seconds: float) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``seconds``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 @contextlib.contextmanager
