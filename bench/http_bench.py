@@ -482,8 +482,9 @@ class Bench:
         self.proxies.append(Proxy("nginx", proc, port))
         print_config("nginx reference proxy configuration (exact)", conf)
 
-    def start_edge_router(self) -> None:
-        state = self.tmp / "routes.db"
+    def start_edge_router(self, name: str = "edge-router", tree: Path = REPO) -> None:
+        """edge-router from ``tree`` (this checkout, or ``--baseline``'s)."""
+        state = self.tmp / f"{name}.db"
         python = self.args.python
         # The route is stored before the router starts (no control socket
         # needed): sandbox "bench", the upstream's port, a fixed token.
@@ -497,9 +498,11 @@ class Bench:
             f"'token': {TOKEN!r}}}]))\n"
             "store.close()\n"
         )
+        # ``python -m router`` and ``-c`` import the package from the
+        # working directory before the installed one.
         subprocess.run(
             [python, "-c", make_route, str(state), str(self.upstream_port)],
-            cwd=REPO,
+            cwd=tree,
             check=True,
         )
         port = free_port()
@@ -509,13 +512,13 @@ class Bench:
         env = dict(os.environ)
         if self.args.pure:
             env["EDGE_ROUTER_PURE"] = "1"
-        proc = self.procs.start(
-            "edge-router", argv, self.tmp / "edge-router.log", cwd=REPO, env=env
-        )
+        proc = self.procs.start(name, argv, self.tmp / f"{name}.log", cwd=tree, env=env)
         wait_listening(proc, port)
-        self.proxies.append(Proxy("edge-router", proc, port))
-        self.host = f"{self.upstream_port}-{SANDBOX}-{TOKEN}.localhost:{port}"
-        print("edge-router command: " + " ".join(argv))
+        self.proxies.append(Proxy(name, proc, port))
+        if name == "edge-router":
+            # The port in Host is not part of the label: one Host for all.
+            self.host = f"{self.upstream_port}-{SANDBOX}-{TOKEN}.localhost:{port}"
+        print(f"{name} command (in {tree}): " + " ".join(argv))
 
     # -- 3. the checks before timing -------------------------------------
 
@@ -745,7 +748,7 @@ def report(
     )
     print(header)
     print("-" * len(header))
-    base, edge = names
+    base, edge = names[:2]
     for scenario in scenarios:
         per_proxy = results.get(scenario.key)
         if not per_proxy or not all(per_proxy[n] for n in names):
@@ -772,12 +775,16 @@ def report(
                 f"{m['cpu']:>11.1f} {m['kernel']:>7.0%} {non2xx:>8} {sock:>9}"
                 f" {m['other']:>6.2f}{mark}"
             )
-        b, e = med[base], med[edge]
-        print(
-            f"{'':<21} {'edge/nginx':<12} {ratio(e['rps'], b['rps']):>9} "
-            f"{'':>8} {ratio(e['p99'], b['p99']):>8} "
-            f"{ratio(e['cpu'], b['cpu']):>11}"
-        )
+        pairs = [("edge/nginx", edge, base)]
+        if "baseline" in med:
+            pairs += [("base/nginx", "baseline", base), ("edge/base", edge, "baseline")]
+        for label, top, bottom in pairs:
+            t, b = med[top], med[bottom]
+            print(
+                f"{'':<21} {label:<12} {ratio(t['rps'], b['rps']):>9} "
+                f"{'':>8} {ratio(t['p99'], b['p99']):>8} "
+                f"{ratio(t['cpu'], b['cpu']):>11}"
+            )
     if loads:
         print(
             "Other load during timed rounds (CPU of processes outside this "
@@ -826,6 +833,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--pure", action="store_true", help="run edge-router on the pure-Python twins"
     )
     parser.add_argument(
+        "--baseline",
+        metavar="TREE",
+        help="also run edge-router from this source tree (its extensions built in"
+        " place) as a third proxy: an A/B of two commits in one run",
+    )
+    parser.add_argument(
         "--nginx-directive",
         action="append",
         metavar="TEXT",
@@ -871,8 +884,11 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed")
     per_proxy = args.warmup + args.rounds * args.duration
-    runs = len(scenarios) * 2 * ((1 if args.warmup else 0) + args.rounds)
-    estimate = len(scenarios) * 2 * per_proxy + runs * RUN_OVERHEAD + SETUP_OVERHEAD
+    proxies = 3 if args.baseline else 2
+    runs = len(scenarios) * proxies * ((1 if args.warmup else 0) + args.rounds)
+    estimate = (
+        len(scenarios) * proxies * per_proxy + runs * RUN_OVERHEAD + SETUP_OVERHEAD
+    )
     version = subprocess.run(
         [args.python, "-m", "router", "--version"],
         cwd=REPO,
@@ -883,7 +899,8 @@ def main(argv: list[str] | None = None) -> int:
     ).stdout.strip()
     print(f"edge-router: {version}; {source_state()}")
     print(
-        f"Plan: {len(scenarios)} scenarios x 2 proxies x ({args.warmup} s warm-up"
+        f"Plan: {len(scenarios)} scenarios x {proxies} proxies x ({args.warmup} s"
+        " warm-up"
         f" + {args.rounds} rounds x {args.duration} s); estimated total runtime"
         f" {estimate // 60:.0f} min {estimate % 60:.0f} s",
         flush=True,
@@ -903,6 +920,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.check_upload_sink()
             bench.start_nginx_proxy()
             bench.start_edge_router()
+            if args.baseline:
+                bench.start_edge_router("baseline", Path(args.baseline).resolve())
             show_pins(bench)
             bench.verify()
             try:
