@@ -20,23 +20,42 @@ _U63 = 0x7FFFFFFFFFFFFFFF
 
 Value = tuple[int, int, int, int, int]
 
+# What a Host value may hold (RFC 3986 reg-name, IP literals and a port):
+# letters, digits, "-._~", "%" of percent-encoding, the sub-delims, ":"
+# and the brackets.
+_HOST_BYTES = (
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]"
+)
+BAD_HOST_CHARACTER = "bad character in Host"
+
 
 def host_label(host: bytes, domains: tuple[bytes, ...]) -> bytes | None:
     """The lower-cased first label when ``host`` names one under a domain.
 
-    ``host`` is a Host header value as received.  The port is dropped (it
-    must be digits, at most 65535, else ``ValueError``), then one trailing
+    ``host`` is a Host header value as received; one that is not a host
+    at all (a byte no host holds, a stray colon) is a ``ValueError``.  The
+    port is dropped (it must be digits, at most 65535, else ``ValueError``),
+    then one trailing
     dot, and what is left must be exactly ``label.domain`` for one of
     ``domains`` (given lower-case, without a trailing dot).  Anything else,
     the bare domain and deeper names included, is not a preview host:
     ``None``.
     """
+    # RFC 9112 §3.2 wants a 400 for a Host that is not a host: a space, a
+    # control byte, a non-ASCII byte, or a colon or bracket out of place.
+    if type(host) is not bytes:
+        raise TypeError(f"host must be bytes, not {type(host).__name__}")
+    if host.translate(None, _HOST_BYTES):
+        raise ValueError(BAD_HOST_CHARACTER)
+
     if host[:1] == b"[":
         # An IPv6 literal is never a preview host; still insist that what
         # follows the bracket is a port, as for every other host.
         end = host.find(b"]")
         if end < 0:
             raise ValueError("unterminated IPv6 literal in Host")
+        if b"[" in host[1:end]:
+            raise ValueError(BAD_HOST_CHARACTER)
         rest = host[end + 1 :]
         if rest and (rest[:1] != b":" or not _is_port(rest[1:])):
             raise ValueError("bad port in Host")
@@ -47,6 +66,8 @@ def host_label(host: bytes, domains: tuple[bytes, ...]) -> bytes | None:
         if not _is_port(host[colon + 1 :]):
             raise ValueError("bad port in Host")
         host = host[:colon]
+    if b":" in host or b"[" in host or b"]" in host:
+        raise ValueError(BAD_HOST_CHARACTER)
 
     if host.endswith(b"."):
         host = host[:-1]

@@ -80,6 +80,9 @@ BODY_CLOSE = http.BODY_CLOSE
 HIGH_WATER = 256 * 1024
 MAX_IDLE_PER_POOL = 64
 UPSTREAM_IDLE_SECONDS = 30.0
+# UPSTREAM_UNAVAILABLE's message when the port did not refuse: nothing
+# answered at all (the default message says it refused).
+UNREACHABLE = "The sandbox port could not be reached"
 
 
 class Stats:
@@ -742,9 +745,12 @@ class ClientConnection:
                 self._upstream_failed("UPSTREAM_TIMEOUT")
             return
         except OSError as exc:
+            # Not a refusal: a name that does not resolve, no route to the
+            # host, this router's own socket.  The log names the cause; the
+            # client is not told the sandbox's host, only that it failed.
             if serial == self.serial:
                 log.warning("upstream %s: %s", key[1], exc)
-                self._upstream_failed("UPSTREAM_UNAVAILABLE")
+                self._upstream_failed("UPSTREAM_UNAVAILABLE", UNREACHABLE)
             return
         if serial != self.serial or self.state != ACTIVE or self.transport is None:
             up.close()
@@ -966,7 +972,7 @@ class ClientConnection:
         else:
             self._close()
 
-    def _upstream_failed(self, code: str) -> None:
+    def _upstream_failed(self, code: str, message: str | None = None) -> None:
         """No response head came: answer 502/504 if nothing was sent yet."""
         if self.state != ACTIVE:
             return
@@ -974,7 +980,7 @@ class ClientConnection:
         log.warning("upstream for %s: %s", self.label.decode() or "fallback", code)
         if self.status == 0:
             self.upstream = None
-            self._reply(code, close=not self.req_done)
+            self._reply(code, message, close=not self.req_done)
         else:
             self._close()
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import itertools
 import logging
@@ -39,6 +40,7 @@ from .app import Router
 from .config import Config
 from .control import Kind, Request, RequestError, RequestId
 from .errors import RouteError, RouterError, StoreError
+from .listeners import tcp_server
 from .routes import Transaction
 
 log = logging.getLogger("edge_router.control")
@@ -153,8 +155,12 @@ class ControlServer:
             if self.tcp is not None:
                 host, port = self.tcp
                 self._servers.append(
-                    await asyncio.start_server(
-                        self._serve_tcp, host, port, limit=self.max_line, backlog=512
+                    await tcp_server(
+                        functools.partial(asyncio.start_server, self._serve_tcp),
+                        host,
+                        port,
+                        limit=self.max_line,
+                        backlog=512,
                     )
                 )
                 bound = self.tcp_address or self.tcp

@@ -9,8 +9,11 @@ short text naming what it received.
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import h11
+
+from .listeners import tcp_server
 
 DEMO_SANDBOX = "demo"
 DEMO_TOKEN = "quickstart"
@@ -77,6 +80,8 @@ class DemoUpstream(asyncio.Protocol):
 
 async def start_demo(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Server, int]:
     """Serve the demo on a free loopback port; return the server and port."""
-    server = await loop.create_server(DemoUpstream, "127.0.0.1", 0)
+    server = await tcp_server(
+        functools.partial(loop.create_server, DemoUpstream), "127.0.0.1", 0
+    )
     port = server.sockets[0].getsockname()[1]
     return server, port

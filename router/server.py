@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -27,6 +28,7 @@ from .config import Config
 from .control import stats as control_stats
 from .demo import DEMO_SANDBOX, DEMO_TOKEN, start_demo
 from .errors import RouterError, StoreError
+from .listeners import tcp_server
 from .workers import Follower, proxy_counters
 
 T = TypeVar("T")
@@ -87,11 +89,10 @@ class Service:
         server = await _listen(
             "--listen",
             config.listen,
-            loop.create_server(
-                proxy.protocol,
+            tcp_server(
+                functools.partial(loop.create_server, proxy.protocol),
                 host,
                 port,
-                reuse_address=True,
                 reuse_port=config.workers > 1,
                 backlog=2048,
             ),
@@ -166,7 +167,11 @@ class Service:
                 server = await _listen(
                     "--internal",
                     config.internal,
-                    loop.create_server(inner.protocol, ihost, iport),
+                    tcp_server(
+                        functools.partial(loop.create_server, inner.protocol),
+                        ihost,
+                        iport,
+                    ),
                 )
                 self.internal_port = server.sockets[0].getsockname()[1]
             self.servers.append(server)
@@ -193,8 +198,11 @@ class Service:
             server = await _listen(
                 "--admin",
                 config.admin,
-                loop.create_server(
-                    lambda: AdminConnection(counters, lambda: proxy.draining),
+                tcp_server(
+                    functools.partial(
+                        loop.create_server,
+                        lambda: AdminConnection(counters, lambda: proxy.draining),
+                    ),
                     ahost,
                     aport,
                 ),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -39,6 +40,7 @@ import orjson
 from . import speedups
 from .app import tune_gc
 from .config import Config
+from .listeners import tcp_server
 from .routes import ForwardingTable, RouteTable
 
 log = logging.getLogger("edge_router")
@@ -261,8 +263,12 @@ async def _follow(config: Config) -> int:
     table.index.compact()
     host, _, port = config.listen.rpartition(":")
     proxy.start()
-    server = await loop.create_server(
-        proxy.protocol, host.strip("[]"), int(port), reuse_port=True, backlog=2048
+    server = await tcp_server(
+        functools.partial(loop.create_server, proxy.protocol),
+        host.strip("[]"),
+        int(port),
+        reuse_port=True,
+        backlog=2048,
     )
     out.write(orjson.dumps({"ready": first["version"]}) + b"\n")
     out.flush()

@@ -125,6 +125,24 @@ def test_nothing_listening_is_502_unavailable(make_router: MakeRouter) -> None:
     assert_answer(get(router, router.host(exposed)), 502, "UPSTREAM_UNAVAILABLE")
 
 
+def test_an_upstream_host_that_does_not_resolve_is_502_not_refused(
+    make_router: MakeRouter,
+) -> None:
+    # ".invalid" never resolves (RFC 6761).  The answer must not claim a
+    # refusal, nor tell a public client the sandbox's host.
+    router = make_router(retry_window=0.3)
+    router.commit(
+        {"op": "set_sandbox", "sandbox": "far", "upstream_host": "nowhere.invalid"}
+    )
+    exposed = router.expose("far", 8080)
+    body = assert_answer(get(router, router.host(exposed)), 502, "UPSTREAM_UNAVAILABLE")
+    assert body["error"] == "The sandbox port could not be reached"
+    assert "nowhere" not in body["error"]
+    refused = router.expose("sb", free_port())
+    body = assert_answer(get(router, router.host(refused)), 502, "UPSTREAM_UNAVAILABLE")
+    assert body["error"] == "The sandbox port refused the connection"
+
+
 def test_port_that_starts_inside_the_retry_window_is_served(
     make_router: MakeRouter,
 ) -> None:
@@ -359,8 +377,6 @@ def test_host_matching_forms(make_router: MakeRouter) -> None:
             f"{label}.preview.test.evil",
             f"{label}.other.test",
             f"{label}.preview.test..",
-            # Only the last ``:digits`` is a port; what is left is no label.
-            f"{label}.preview.test:80:80",
             "preview.test",
             "127.0.0.1",
             "[::1]:80",
@@ -373,6 +389,11 @@ def test_host_matching_forms(make_router: MakeRouter) -> None:
             f"{label}.preview.test:65536",
             f"{label}.preview.test:99999999999999999999",
             "[::1]x",
+            # Not a host at all (RFC 9112 §3.2: 400), preview-shaped or not:
+            # only the last ``:digits`` is a port, and no host holds a space.
+            f"{label}.preview.test:80:80",
+            f"a b.preview.test:{router.port}",
+            f"{label}.preview.test/x",
         ):
             assert_answer(get(router, host), 400, "BAD_REQUEST")
         assert len(up.seen) == 9

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import socket
@@ -17,6 +18,7 @@ import pytest
 from harness import serve_refused
 
 from router import config, speedups
+from router.listeners import bound_socket
 
 
 def test_version_names_the_hot_path() -> None:
@@ -174,7 +176,7 @@ def test_a_store_in_use_is_refused_by_a_second_router(tmp_path: Path) -> None:
         pass
 
 
-@pytest.mark.parametrize("flag", ["--listen", "--admin", "--control-tcp"])
+@pytest.mark.parametrize("flag", ["--listen", "--admin", "--internal", "--control-tcp"])
 def test_an_address_in_use_is_named_with_its_flag(flag: str, tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -226,3 +228,33 @@ def test_config_words_and_numbers_that_are_plainly_right_are_taken(
     assert cfg.access_log is False and cfg.demo is True
     assert cfg.max_body == 100 and cfg.grace == 2.0
     assert cfg.domain == ["preview.example.com"]
+
+
+def test_listeners_on_an_address_are_bound_without_the_loop() -> None:
+    # A literal address: a socket bound as asyncio would bind it.
+    with contextlib.closing(bound_socket("127.0.0.1", 0)) as sock:
+        assert sock is not None
+        assert sock.getsockname()[0] == "127.0.0.1"
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+        assert not sock.getblocking()
+    # IPv6 "::1" (or "::") takes IPv6 only, as create_server does.
+    if socket.has_ipv6:
+        try:
+            v6 = bound_socket("::1", 0, reuse_port=True)
+        except OSError:
+            v6 = None  # no IPv6 loopback on this machine
+        if v6 is not None:
+            with contextlib.closing(v6):
+                assert v6.family == socket.AF_INET6
+                assert v6.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+                assert v6.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+    # A name, or every address, is left to the loop's resolver.
+    assert bound_socket("localhost", 0) is None
+    assert bound_socket("", 0) is None
+    # A port in use is an OSError, which start-up names with its flag.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        with pytest.raises(OSError) as info:
+            bound_socket("127.0.0.1", holder.getsockname()[1])
+    assert info.value.errno == errno.EADDRINUSE

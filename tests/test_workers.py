@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import RouterThread, free_port, upstream
+from harness import RouterThread, free_port, stop_process, upstream
 
 from router.client import ControlClient
 
@@ -291,3 +291,65 @@ def test_a_worker_that_is_gone_is_not_waited_for(tmp_path: Path) -> None:
             router.call(follower.synced(follower.acked + 1))
     finally:
         router.stop()
+
+
+def threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_serving_processes_run_one_thread_between_store_writes(
+    tmp_path: Path,
+) -> None:
+    # A second thread costs every read and write of the data path (see
+    # router/listeners.py); what an operator sees is ``ps -L`` showing one
+    # thread per process, with every listener open and after a stored change.
+    port, admin, internal = free_port(), free_port(), free_port()
+    control = str(tmp_path / "control.sock")
+    argv = [
+        sys.executable,
+        "-m",
+        "router",
+        "serve",
+        "--workers",
+        "2",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--admin",
+        f"127.0.0.1:{admin}",
+        "--internal",
+        f"127.0.0.1:{internal}",
+        "--control",
+        control,
+        "--state",
+        str(tmp_path / "routes.db"),
+        "--no-access-log",
+    ]
+    log = tmp_path / "router.log"
+    with (
+        log.open("w") as sink,
+        subprocess.Popen(
+            argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sink
+        ) as proc,
+        upstream() as up,
+    ):
+        try:
+            deadline = time.monotonic() + 20
+            while not os.path.exists(control):
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "router did not start"
+                time.sleep(0.05)
+            with ControlClient(control) as ctl:
+                exposed = ctl.expose_port("sb", up.port, token="tok")
+            host = exposed.url.split("//", 1)[1].split("/", 1)[0]
+            assert [fetch(port, host) for _ in range(10)] == [200] * 10
+
+            # The store write's thread ends with the write: poll for it.
+            pids = [proc.pid, *children(proc.pid)]
+            assert len(pids) == 2
+            deadline = time.monotonic() + 5
+            while (counts := [threads(p) for p in pids]) != [1, 1]:
+                assert time.monotonic() < deadline, counts
+                time.sleep(0.05)
+        finally:
+            stop_process(proc, 20)
+    assert proc.returncode == 0, log.read_text()

@@ -20,6 +20,24 @@ DEF MIN_SLOTS = 16
 
 cdef long long U32 = 0xFFFFFFFF
 
+# The bytes a Host value may hold, as in the pure twin's ``_HOST_BYTES``.
+cdef bint HOST_OK[256]
+
+
+cdef void _fill_host_ok() noexcept:
+    cdef const char *ok = (
+        b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+        b"-._~%!$&'()*+,;=:[]"
+    )
+    memset(HOST_OK, 0, sizeof(HOST_OK))
+    while ok[0]:
+        HOST_OK[<unsigned char>ok[0]] = True
+        ok += 1
+
+
+_fill_host_ok()
+BAD_HOST_CHARACTER = "bad character in Host"
+
 
 cdef inline char _lower(char c) noexcept nogil:
     if b"A" <= c <= b"Z":
@@ -95,6 +113,11 @@ def host_label(bytes host not None, tuple domains not None):
     cdef bytes domain
     cdef char buf[MAX_LABEL]
 
+    # RFC 9112 §3.2 wants a 400 for a Host that is not a host.
+    for i in range(n):
+        if not HOST_OK[<unsigned char>p[i]]:
+            raise ValueError(BAD_HOST_CHARACTER)
+
     if n and p[0] == b"[":
         end = -1
         for i in range(n):
@@ -103,13 +126,17 @@ def host_label(bytes host not None, tuple domains not None):
                 break
         if end < 0:
             raise ValueError("unterminated IPv6 literal in Host")
+        for i in range(1, end):
+            if p[i] == b"[":
+                raise ValueError(BAD_HOST_CHARACTER)
         if end + 1 < n and (
             p[end + 1] != b":" or not _port(p + end + 2, n - end - 2)
         ):
             raise ValueError("bad port in Host")
         return None
 
-    # 1. Drop the port, which must be a number up to 65535.
+    # 1. Drop the port, which must be a number up to 65535; no other colon
+    #    nor a bracket may be left.
     i = n - 1
     while i >= 0 and p[i] != b":":
         i -= 1
@@ -117,6 +144,9 @@ def host_label(bytes host not None, tuple domains not None):
         if not _port(p + i + 1, n - i - 1):
             raise ValueError("bad port in Host")
         n = i
+    for i in range(n):
+        if p[i] == b":" or p[i] == b"[" or p[i] == b"]":
+            raise ValueError(BAD_HOST_CHARACTER)
 
     # 2. One trailing dot (the absolute form of the name) is the same host.
     if n and p[n - 1] == b".":
