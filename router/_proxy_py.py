@@ -35,6 +35,7 @@ from typing import Any, cast
 from . import answers, grammar
 from .config import Config
 from .errors import RouteError
+from .listeners import hostport
 from .routes import FLAG_PRESERVE_HOST, ForwardingTable, parse_target, same_socket
 from .speedups import http, labels
 from .speedups import tunnel as _tunnel
@@ -83,6 +84,22 @@ UPSTREAM_IDLE_SECONDS = 30.0
 # UPSTREAM_UNAVAILABLE's message when the port did not refuse: nothing
 # answered at all (the default message says it refused).
 UNREACHABLE = "The sandbox port could not be reached"
+
+
+def _where(address: Address) -> str:
+    """An upstream address as an operator writes it: host:port, [v6]:port,
+    or a socket path."""
+    return address if isinstance(address, str) else hostport(*address)
+
+
+def _shown(value: bytes) -> str:
+    """``value`` for a log line: as it is when printable ASCII, else with
+    escapes, so that a Host or target sent to us cannot write terminal
+    control sequences into an operator's log."""
+    text = value.decode("latin-1")
+    if text.isascii() and text.isprintable():
+        return text
+    return ascii(text)[1:-1]
 
 
 class Stats:
@@ -736,9 +753,10 @@ class ClientConnection:
         # request's (a socket would carry its head to the wrong upstream).
         try:
             up = await self.proxy.connect(key)
-        except (ConnectionRefusedError, FileNotFoundError):
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
             if serial == self.serial:
-                self._upstream_failed("UPSTREAM_UNAVAILABLE")
+                cause = f"{_where(key[1])}: {exc}"
+                self._upstream_failed("UPSTREAM_UNAVAILABLE", None, cause)
             return
         except TimeoutError:
             if serial == self.serial:
@@ -749,8 +767,8 @@ class ClientConnection:
             # host, this router's own socket.  The log names the cause; the
             # client is not told the sandbox's host, only that it failed.
             if serial == self.serial:
-                log.warning("upstream %s: %s", key[1], exc)
-                self._upstream_failed("UPSTREAM_UNAVAILABLE", UNREACHABLE)
+                cause = f"{_where(key[1])}: {exc}"
+                self._upstream_failed("UPSTREAM_UNAVAILABLE", UNREACHABLE, cause)
             return
         if serial != self.serial or self.state != ACTIVE or self.transport is None:
             up.close()
@@ -903,10 +921,10 @@ class ClientConnection:
             '%s "%s %s HTTP/%s" %d host=%s %.1fms',
             self.peer,
             head.method.decode("latin-1"),
-            head.target.decode("latin-1"),
+            _shown(head.target),
             "1.1" if head.version == 11 else "1.0",
             self.status,
-            (head.host or b"-").decode("latin-1"),
+            _shown(head.host or b"-"),
             (time.monotonic() - self.started) * 1000,
         )
 
@@ -972,12 +990,21 @@ class ClientConnection:
         else:
             self._close()
 
-    def _upstream_failed(self, code: str, message: str | None = None) -> None:
-        """No response head came: answer 502/504 if nothing was sent yet."""
+    def _upstream_failed(
+        self, code: str, message: str | None = None, cause: object = None
+    ) -> None:
+        """No response head came: answer 502/504 if nothing was sent yet.
+
+        ``cause``, the connect's error, goes in the log line, not the answer.
+        """
         if self.state != ACTIVE:
             return
         self.proxy.stats.errors += 1
-        log.warning("upstream for %s: %s", self.label.decode() or "fallback", code)
+        label = self.label.decode() or "fallback"
+        if cause is None:
+            log.warning("upstream for %s: %s", label, code)
+        else:
+            log.warning("upstream for %s: %s (%s)", label, code, cause)
         if self.status == 0:
             self.upstream = None
             self._reply(code, message, close=not self.req_done)

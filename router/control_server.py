@@ -40,7 +40,7 @@ from .app import Router
 from .config import Config
 from .control import Kind, Request, RequestError, RequestId
 from .errors import RouteError, RouterError, StoreError
-from .listeners import tcp_server
+from .listeners import hostport, tcp_server
 from .routes import Transaction
 
 log = logging.getLogger("edge_router.control")
@@ -164,7 +164,7 @@ class ControlServer:
                     )
                 )
                 bound = self.tcp_address or self.tcp
-                log.info("control TCP listening on %s:%d", bound[0], bound[1])
+                log.info("control TCP listening on %s", hostport(*bound[:2]))
         except BaseException:
             await self.close()
             raise

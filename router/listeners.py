@@ -21,13 +21,16 @@ T = TypeVar("T")
 
 
 def bound_socket(
-    host: str, port: int, reuse_port: bool = False
+    host: str, port: int, reuse_port: bool = False, alone: bool = False
 ) -> socket.socket | None:
     """A TCP socket bound to ``host:port``, or None when ``host`` is a name.
 
     Options as asyncio's ``create_server`` sets them: SO_REUSEADDR, and
     IPV6_V6ONLY on an IPv6 address so that ``::`` does not also take IPv4.
-    Raises OSError when the address cannot be bound.
+    With ``alone``, the port must be free before it is shared: SO_REUSEPORT
+    lets any process of this user join a port, so a second router started
+    on it by mistake would silently take half the connections.  Raises
+    OSError when the address cannot be bound.
     """
     if not host:
         return None
@@ -43,6 +46,17 @@ def bound_socket(
     except socket.gaierror:
         return None
     family, kind, proto, _, address = infos[0]
+    if reuse_port and alone:
+        # A bind without SO_REUSEPORT fails while anyone holds the port;
+        # port 0 becomes the free port it found.
+        with _socket(family, kind, proto, address, False) as probe:
+            address = address[:1] + probe.getsockname()[1:2] + address[2:]
+    return _socket(family, kind, proto, address, reuse_port)
+
+
+def _socket(
+    family: int, kind: int, proto: int, address: Any, reuse_port: bool
+) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -64,12 +78,13 @@ async def tcp_server(
     port: int,
     *,
     reuse_port: bool = False,
+    alone: bool = False,
     **kwargs: Any,
 ) -> T:
     """``start`` (``loop.create_server`` or ``asyncio.start_server`` with its
     callback bound) listening on ``host:port``, on a socket bound here when
-    ``host`` is an address."""
-    sock = bound_socket(host, port, reuse_port)
+    ``host`` is an address (``alone`` as for ``bound_socket``)."""
+    sock = bound_socket(host, port, reuse_port, alone)
     if sock is None:
         return await start(
             host=host,
@@ -83,3 +98,8 @@ async def tcp_server(
     except BaseException:
         sock.close()
         raise
+
+
+def hostport(host: str, port: int) -> str:
+    """``host:port`` as an operator writes it, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

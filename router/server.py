@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -28,7 +29,7 @@ from .config import Config
 from .control import stats as control_stats
 from .demo import DEMO_SANDBOX, DEMO_TOKEN, start_demo
 from .errors import RouterError, StoreError
-from .listeners import tcp_server
+from .listeners import hostport, tcp_server
 from .workers import Follower, proxy_counters
 
 T = TypeVar("T")
@@ -94,6 +95,7 @@ class Service:
                 host,
                 port,
                 reuse_port=config.workers > 1,
+                alone=True,
                 backlog=2048,
             ),
         )
@@ -177,7 +179,7 @@ class Service:
             self.servers.append(server)
             where = config.internal
             if self.internal_port:
-                where = f"{ihost}:{self.internal_port}"  # port 0 → the one bound
+                where = hostport(ihost, self.internal_port)  # port 0 → the one bound
             log.info("internal entry listening on %s", where)
 
         # 4. The control socket.
@@ -209,7 +211,7 @@ class Service:
             )
             self.servers.append(server)
             self.admin_port = server.sockets[0].getsockname()[1]
-            log.info("admin listening on %s:%d", ahost, self.admin_port)
+            log.info("admin listening on %s", hostport(ahost, self.admin_port))
 
         # 5b. No route may lead back into one of these listeners.
         self._claim_own_listeners(host)
@@ -241,10 +243,9 @@ class Service:
 
         self.listening = True
         log.info(
-            "edge-router %s listening on %s:%d for *.%s; %s; %d routes",
+            "edge-router %s listening on %s for *.%s; %s; %d routes",
             __version__,
-            host,
-            self.public_port,
+            hostport(host, self.public_port),
             ", *.".join(router.table.domains),
             speedups.describe(),
             len(router.table.routes),
@@ -264,14 +265,20 @@ class Service:
         config = self.config
         ports = {self.public_port, self.internal_port, self.admin_port}
         hosts = {host}
-        wildcard = {self.public_port} if _is_wildcard(host) else set()
+        wildcard: set[int] = set()
         if config.admin:
-            admin_host = split_hostport(config.admin, "--admin")[0]
-            hosts.add(admin_host)
-            if _is_wildcard(admin_host):
-                wildcard.add(self.admin_port)
+            hosts.add(split_hostport(config.admin, "--admin")[0])
         if config.internal and not config.internal.startswith("unix:"):
             hosts.add(split_hostport(config.internal, "--internal")[0])
+        # What was bound, not how it was written: "0:8787" is 0.0.0.0 too.
+        for server in self.servers:
+            for sock in server.sockets:
+                if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                address, port = sock.getsockname()[:2]
+                hosts.add(address)
+                if ipaddress.ip_address(address).is_unspecified:
+                    wildcard.add(port)
         tcp = self.control.tcp_address if self.control is not None else None
         if tcp is not None:
             hosts.add(tcp[0])
@@ -378,14 +385,6 @@ async def _listen(flag: str, value: str, opening: Awaitable[T]) -> T:
             if exc.errno == errno.EADDRINUSE
             else f"{flag} {value}: {why}"
         ) from exc
-
-
-def _is_wildcard(host: str) -> bool:
-    """A listen address that binds every address of the machine."""
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_unspecified
-    except ValueError:
-        return host == ""
 
 
 def _is_loopback(host: str) -> bool:

@@ -230,6 +230,24 @@ def test_own_listeners_cannot_be_exposed(
         assert (status, error_code(body)) == (400, "BAD_REQUEST")
 
 
+@pytest.mark.parametrize(
+    ("listen", "every_address"),
+    [("0:0", True), ("0.0.0.0:0", True), ("127.0.0.1:0", False), ("[::1]:0", False)],
+)
+def test_a_listener_on_every_address_is_known_by_what_was_bound(
+    make_router: Callable[..., RouterThread], listen: str, every_address: bool
+) -> None:
+    # "0" is 0.0.0.0 to the system, not to a parser of address text: the
+    # router listens on every address of the machine, so its port is ours
+    # whatever local address a route's target names.
+    if "::" in listen and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    router = make_router(listen=listen, admin=listen)
+    table = router.service.router.table
+    ours = {router.service.public_port, router.service.admin_port}
+    assert table.own_wildcard_ports == (ours if every_address else set())
+
+
 def test_a_path_made_into_an_own_socket_later_is_refused_at_connect(
     make_router: Callable[..., RouterThread],
     tmp_path: Path,

@@ -88,6 +88,8 @@ def test_zero_does_not_force_pure() -> None:
         (b"8080-sb-tok.localhost:", b"8080-sb-tok"),
         (b"8080-a-b-c-d.example.com", b"8080-a-b-c-d"),
         (b"8080-sb-t_k.EXAMPLE.COM:443", b"8080-sb-t_k"),
+        # Any number of leading zeros, more than int() takes at once.
+        (b"8080-sb-tok.localhost:" + b"0" * 5000 + b"80", b"8080-sb-tok"),
     ],
 )
 def test_host_label_found(twin: ModuleType, host: bytes, label: bytes) -> None:
@@ -114,6 +116,10 @@ def test_host_label_found(twin: ModuleType, host: bytes, label: bytes) -> None:
         b"[::1]",
         b"[::1]:8080",
         b"[::1]:",
+        b"[2001:DB8::1]:8080",
+        b"[::ffff:127.0.0.1]",
+        b"[fe80::1%25eth0]:80",
+        b"[v1.fe80::a+en1]",
     ],
 )
 def test_host_label_not_a_preview_host(twin: ModuleType, host: bytes) -> None:
@@ -135,6 +141,7 @@ def test_host_label_not_a_preview_host(twin: ModuleType, host: bytes) -> None:
         b"a.localhost:65536",
         b"a.localhost:99999999999999999999",
         b"a.localhost:0065536",
+        b"a.localhost:" + b"9" * 5000,
         b"[::1]:70000",
     ],
 )
@@ -156,13 +163,22 @@ def test_host_label_bad_port_refused(twin: ModuleType, host: bytes) -> None:
         b"a:b.localhost:80",
         b"a.localhost:8080:",
         b"a]b.localhost",
-        b"[[::1]",
         b"a.example.org\x7f",
     ],
 )
 def test_host_label_not_a_host_refused(twin: ModuleType, host: bytes) -> None:
     # Not a host by RFC 3986, preview-shaped or not: 400, not 404.
     with pytest.raises(ValueError, match="bad character in Host"):
+        twin.host_label(host, DOMAINS)
+
+
+@pytest.mark.parametrize(
+    "host", [b"[]", b"[evil.com]", b"[[::1]", b"[::1::2]", b"[v1.]", b"[vx.1]"]
+)
+def test_host_label_bad_ip_literal_refused(twin: ModuleType, host: bytes) -> None:
+    # What the brackets hold must be an address (RFC 3986 §3.2.2), or a
+    # fallback upstream would get "[evil.com]" as a Host.
+    with pytest.raises(ValueError, match="bad IP literal in Host"):
         twin.host_label(host, DOMAINS)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import logging
 import sqlite3
 import subprocess
 import threading
@@ -125,8 +126,29 @@ def test_nothing_listening_is_502_unavailable(make_router: MakeRouter) -> None:
     assert_answer(get(router, router.host(exposed)), 502, "UPSTREAM_UNAVAILABLE")
 
 
+def test_access_lines_name_each_request_and_escape_what_the_client_sent(
+    make_router: MakeRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="edge_router.access")
+    router = make_router(access_log=True)
+    with upstream() as up:
+        host = router.host(router.expose("sb", up.port))
+        assert get(router, host, "/page?x=1").status == 200
+        # A Host holding terminal escapes is refused, and logged escaped:
+        # the operator's terminal must not run what a client wrote.
+        assert_answer(get(router, "a\x1b[31mred\xe9.localhost"), 400, "BAD_REQUEST")
+    lines = [r.getMessage() for r in caplog.records if r.name == "edge_router.access"]
+    assert len(lines) == 2, lines
+    assert (
+        lines[0].startswith("127.0.0.1") and '"GET /page?x=1 HTTP/1.1" 200' in lines[0]
+    )
+    assert f"host={host} " in lines[0]
+    assert "\x1b" not in lines[1] and "\xe9" not in lines[1]
+    assert " 400 host=a\\x1b[31mred\\xe9.localhost " in lines[1]
+
+
 def test_an_upstream_host_that_does_not_resolve_is_502_not_refused(
-    make_router: MakeRouter,
+    make_router: MakeRouter, caplog: pytest.LogCaptureFixture
 ) -> None:
     # ".invalid" never resolves (RFC 6761).  The answer must not claim a
     # refusal, nor tell a public client the sandbox's host.
@@ -138,6 +160,15 @@ def test_an_upstream_host_that_does_not_resolve_is_502_not_refused(
     body = assert_answer(get(router, router.host(exposed)), 502, "UPSTREAM_UNAVAILABLE")
     assert body["error"] == "The sandbox port could not be reached"
     assert "nowhere" not in body["error"]
+    # The operator's one line names the URL's label, the address and why.
+    label = router.host(exposed).partition(".")[0]
+    lines = [r.getMessage() for r in caplog.records if r.name == "edge_router"]
+    assert any(
+        line.startswith(
+            f"upstream for {label}: UPSTREAM_UNAVAILABLE (nowhere.invalid:8080: "
+        )
+        for line in lines
+    ), lines
     refused = router.expose("sb", free_port())
     body = assert_answer(get(router, router.host(refused)), 502, "UPSTREAM_UNAVAILABLE")
     assert body["error"] == "The sandbox port refused the connection"

@@ -9,6 +9,7 @@ soon as the change is acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -22,41 +23,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import RouterThread, free_port, stop_process, upstream
+from harness import RouterThread, free_port, serve_refused, upstream
 
 from router.client import ControlClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[int, int, str, int]]:
+@contextlib.contextmanager
+def serving(
+    tmp_path: Path, *flags: str
+) -> Iterator[tuple[int, int, str, subprocess.Popen[bytes]]]:
+    """``edge-router serve --workers 2`` with ``flags``, its admin listener
+    and control socket; stopped with SIGTERM, which it must obey."""
     port, admin = free_port(), free_port()
     control = str(tmp_path / "control.sock")
+    argv = [sys.executable, "-m", "router", "serve", "--workers", "2"]
+    argv += ["--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}"]
+    argv += ["--control", control, "--no-access-log", *flags]
     # The log goes to a file: a pipe that nobody reads fills up under a
     # stream of route changes (one INFO line each) and stalls the router.
     log = tmp_path / "router.log"
     with (
         log.open("w") as sink,
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "router",
-                "serve",
-                "--workers",
-                "2",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--admin",
-                f"127.0.0.1:{admin}",
-                "--control",
-                control,
-                "--no-access-log",
-            ],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=sink,
+            argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sink
         ) as proc,
     ):
         try:
@@ -65,7 +56,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[int, int, str, int]]:
                 assert proc.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, "router did not start"
                 time.sleep(0.05)
-            yield port, admin, control, proc.pid
+            yield port, admin, control, proc
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -74,7 +65,13 @@ def cluster(tmp_path: Path) -> Iterator[tuple[int, int, str, int]]:
                 proc.kill()
                 proc.wait()
                 pytest.fail("router with workers did not stop on SIGTERM")
-    assert proc.returncode == 0
+    assert proc.returncode == 0, log.read_text()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[int, int, str, int]]:
+    with serving(tmp_path) as (port, admin, control, proc):
+        yield port, admin, control, proc.pid
 
 
 def fetch(port: int, host: str) -> int:
@@ -303,53 +300,31 @@ def test_serving_processes_run_one_thread_between_store_writes(
     # A second thread costs every read and write of the data path (see
     # router/listeners.py); what an operator sees is ``ps -L`` showing one
     # thread per process, with every listener open and after a stored change.
-    port, admin, internal = free_port(), free_port(), free_port()
-    control = str(tmp_path / "control.sock")
-    argv = [
-        sys.executable,
-        "-m",
-        "router",
-        "serve",
-        "--workers",
-        "2",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--admin",
-        f"127.0.0.1:{admin}",
-        "--internal",
-        f"127.0.0.1:{internal}",
-        "--control",
-        control,
-        "--state",
-        str(tmp_path / "routes.db"),
-        "--no-access-log",
-    ]
-    log = tmp_path / "router.log"
-    with (
-        log.open("w") as sink,
-        subprocess.Popen(
-            argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sink
-        ) as proc,
-        upstream() as up,
-    ):
-        try:
-            deadline = time.monotonic() + 20
-            while not os.path.exists(control):
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "router did not start"
-                time.sleep(0.05)
-            with ControlClient(control) as ctl:
-                exposed = ctl.expose_port("sb", up.port, token="tok")
-            host = exposed.url.split("//", 1)[1].split("/", 1)[0]
-            assert [fetch(port, host) for _ in range(10)] == [200] * 10
+    internal = f"127.0.0.1:{free_port()}"
+    flags = ("--internal", internal, "--state", str(tmp_path / "routes.db"))
+    with serving(tmp_path, *flags) as (port, _, control, proc), upstream() as up:
+        with ControlClient(control) as ctl:
+            exposed = ctl.expose_port("sb", up.port, token="tok")
+        host = exposed.url.split("//", 1)[1].split("/", 1)[0]
+        assert [fetch(port, host) for _ in range(10)] == [200] * 10
 
-            # The store write's thread ends with the write: poll for it.
-            pids = [proc.pid, *children(proc.pid)]
-            assert len(pids) == 2
-            deadline = time.monotonic() + 5
-            while (counts := [threads(p) for p in pids]) != [1, 1]:
-                assert time.monotonic() < deadline, counts
-                time.sleep(0.05)
-        finally:
-            stop_process(proc, 20)
-    assert proc.returncode == 0, log.read_text()
+        # The store write's thread ends with the write: poll for it.
+        pids = [proc.pid, *children(proc.pid)]
+        assert len(pids) == 2
+        deadline = time.monotonic() + 5
+        while (counts := [threads(p) for p in pids]) != [1, 1]:
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.05)
+
+
+def test_a_second_router_cannot_share_the_port_of_one_with_workers(
+    tmp_path: Path,
+) -> None:
+    # The workers share their port with SO_REUSEPORT, which any process of
+    # the same user could join: a second router started there by mistake
+    # would silently take half of the connections.
+    with serving(tmp_path) as (port, _, _, _):
+        stderr = serve_refused(
+            "--listen", f"127.0.0.1:{port}", "--workers", "2", "--no-demo"
+        )
+    assert f"--listen 127.0.0.1:{port}: the address is in use" in stderr

@@ -9,6 +9,9 @@ fixed records; deleting one moves the last record into its place.
 
 import os
 
+# Only for Hosts in brackets, never preview hosts: one copy of the rules.
+from router._labels_py import ip_literal
+
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
@@ -20,22 +23,26 @@ DEF MIN_SLOTS = 16
 
 cdef long long U32 = 0xFFFFFFFF
 
-# The bytes a Host value may hold, as in the pure twin's ``_HOST_BYTES``.
-cdef bint HOST_OK[256]
+# What each byte may be in a Host value, as in the pure twin's
+# ``_HOST_BYTES``: 0 none, 1 an ordinary one, 2 a colon, 3 a bracket.
+cdef unsigned char HOST_CLASS[256]
 
 
-cdef void _fill_host_ok() noexcept:
+cdef void _fill_host_class() noexcept:
     cdef const char *ok = (
         b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-        b"-._~%!$&'()*+,;=:[]"
+        b"-._~%!$&'()*+,;="
     )
-    memset(HOST_OK, 0, sizeof(HOST_OK))
+    memset(HOST_CLASS, 0, sizeof(HOST_CLASS))
     while ok[0]:
-        HOST_OK[<unsigned char>ok[0]] = True
+        HOST_CLASS[<unsigned char>ok[0]] = 1
         ok += 1
+    HOST_CLASS[<unsigned char>b":"] = 2
+    HOST_CLASS[<unsigned char>b"["] = 3
+    HOST_CLASS[<unsigned char>b"]"] = 3
 
 
-_fill_host_ok()
+_fill_host_class()
 BAD_HOST_CHARACTER = "bad character in Host"
 
 
@@ -109,14 +116,26 @@ def host_label(bytes host not None, tuple domains not None):
     """The lower-cased first label when ``host`` names one under a domain."""
     cdef const char *p = PyBytes_AS_STRING(host)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(host)
-    cdef Py_ssize_t i, dot, end
+    cdef Py_ssize_t i, dot, end, stray
+    cdef Py_ssize_t colon = -1, colons = 0, brackets = 0, brackets_then = 0
+    cdef unsigned char kind
     cdef bytes domain
     cdef char buf[MAX_LABEL]
 
-    # RFC 9112 §3.2 wants a 400 for a Host that is not a host.
+    # 0. RFC 9112 §3.2 wants a 400 for a Host that is not a host.  One pass
+    #    checks every byte and notes the colons and brackets, and where the
+    #    last colon (the port's) is.
     for i in range(n):
-        if not HOST_OK[<unsigned char>p[i]]:
-            raise ValueError(BAD_HOST_CHARACTER)
+        kind = HOST_CLASS[<unsigned char>p[i]]
+        if kind != 1:
+            if kind == 0:
+                raise ValueError(BAD_HOST_CHARACTER)
+            if kind == 2:
+                colon = i
+                colons += 1
+                brackets_then = brackets
+            else:
+                brackets += 1
 
     if n and p[0] == b"[":
         end = -1
@@ -126,9 +145,8 @@ def host_label(bytes host not None, tuple domains not None):
                 break
         if end < 0:
             raise ValueError("unterminated IPv6 literal in Host")
-        for i in range(1, end):
-            if p[i] == b"[":
-                raise ValueError(BAD_HOST_CHARACTER)
+        if not ip_literal(host[1:end]):
+            raise ValueError("bad IP literal in Host")
         if end + 1 < n and (
             p[end + 1] != b":" or not _port(p + end + 2, n - end - 2)
         ):
@@ -137,16 +155,15 @@ def host_label(bytes host not None, tuple domains not None):
 
     # 1. Drop the port, which must be a number up to 65535; no other colon
     #    nor a bracket may be left.
-    i = n - 1
-    while i >= 0 and p[i] != b":":
-        i -= 1
-    if i >= 0:
-        if not _port(p + i + 1, n - i - 1):
+    if colon >= 0:
+        if not _port(p + colon + 1, n - colon - 1):
             raise ValueError("bad port in Host")
-        n = i
-    for i in range(n):
-        if p[i] == b":" or p[i] == b"[" or p[i] == b"]":
-            raise ValueError(BAD_HOST_CHARACTER)
+        n = colon
+        stray = colons - 1 + brackets_then
+    else:
+        stray = brackets
+    if stray:
+        raise ValueError(BAD_HOST_CHARACTER)
 
     # 2. One trailing dot (the absolute form of the name) is the same host.
     if n and p[n - 1] == b".":
