@@ -24,9 +24,10 @@ Value = tuple[int, int, int, int, int]
 # What a Host value may hold (RFC 3986 reg-name, IP literals and a port):
 # letters, digits, "-._~", "%" of percent-encoding, the sub-delims, ":"
 # and the brackets.
-_HOST_BYTES = (
-    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]"
+_NAME_BYTES = (
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;="
 )
+_HOST_BYTES = _NAME_BYTES + b":[]"
 BAD_HOST_CHARACTER = "bad character in Host"
 
 
@@ -44,31 +45,36 @@ def host_label(host: bytes, domains: tuple[bytes, ...]) -> bytes | None:
     """
     # RFC 9112 §3.2 wants a 400 for a Host that is not a host: a space, a
     # control byte, a non-ASCII byte, or a colon or bracket out of place.
+    # ``odd`` is what is left of it without the bytes of a plain name:
+    # nothing, or the port's colon, for nearly every request.
     if type(host) is not bytes:
         raise TypeError(f"host must be bytes, not {type(host).__name__}")
-    if host.translate(None, _HOST_BYTES):
-        raise ValueError(BAD_HOST_CHARACTER)
+    odd = host.translate(None, _NAME_BYTES)
+    if odd and odd != b":":
+        if odd.translate(None, b":[]"):
+            raise ValueError(BAD_HOST_CHARACTER)
+        if host[:1] == b"[":
+            # An IPv6 literal is never a preview host; still insist that
+            # what follows the bracket is a port, as for every other host.
+            end = host.find(b"]")
+            if end < 0:
+                raise ValueError("unterminated IPv6 literal in Host")
+            if not ip_literal(host[1:end]):
+                raise ValueError("bad IP literal in Host")
+            rest = host[end + 1 :]
+            if rest and (rest[:1] != b":" or not _is_port(rest[1:])):
+                raise ValueError("bad port in Host")
+            return None
 
-    if host[:1] == b"[":
-        # An IPv6 literal is never a preview host; still insist that what
-        # follows the bracket is a port, as for every other host.
-        end = host.find(b"]")
-        if end < 0:
-            raise ValueError("unterminated IPv6 literal in Host")
-        if not ip_literal(host[1:end]):
-            raise ValueError("bad IP literal in Host")
-        rest = host[end + 1 :]
-        if rest and (rest[:1] != b":" or not _is_port(rest[1:])):
-            raise ValueError("bad port in Host")
-        return None
-
-    colon = host.rfind(b":")
-    if colon >= 0:
-        if not _is_port(host[colon + 1 :]):
-            raise ValueError("bad port in Host")
-        host = host[:colon]
-    if b":" in host or b"[" in host or b"]" in host:
-        raise ValueError(BAD_HOST_CHARACTER)
+    if odd:
+        colon = host.rfind(b":")
+        if colon >= 0:
+            if not _is_port(host[colon + 1 :]):
+                raise ValueError("bad port in Host")
+            host = host[:colon]
+        # Any other colon, or a bracket, is out of place.
+        if len(odd) > 1 or colon < 0:
+            raise ValueError(BAD_HOST_CHARACTER)
 
     if host.endswith(b"."):
         host = host[:-1]
@@ -115,16 +121,19 @@ _FUTURE = frozenset(_HOST_BYTES.decode()) - frozenset("[]%")
 
 def _is_port(value: bytes) -> bool:
     # An empty port is allowed by RFC 3986 §3.2.3 (``port = *DIGIT``); a
-    # number no TCP port can have is not.
-    if value == b"":
+    # number no TCP port can have is not.  Leading zeros are allowed, any
+    # number of them (as the compiled twin counts): past five digits they
+    # are dropped before int(), which refuses over 4,300 digits with an
+    # error of its own.
+    if not value:
         return True
-    if not (value.isdigit() and value.isascii()):
+    if not value.isdigit():  # bytes: ASCII digits only
         return False
-    # Leading zeros are allowed in any number (as the compiled twin counts);
-    # more than five digits after them is past 65535 without int(), which
-    # refuses strings of over 4,300 digits with an error of its own.
-    digits = value.lstrip(b"0")
-    return len(digits) <= 5 and int(digits or b"0") <= 65535
+    if len(value) > 5:
+        value = value.lstrip(b"0")
+        if len(value) > 5:
+            return False
+    return int(value or b"0") <= 65535
 
 
 class Hit:
