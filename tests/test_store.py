@@ -6,18 +6,21 @@ never touches the index); the two runs of the suite cover both twins.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from router.app import load_table
+from router.app import in_own_thread, load_table
 from router.errors import RouteError, StoreError
 from router.routes import RouteTable, Transaction
 from router.store import Store
@@ -562,3 +565,32 @@ def test_acknowledged_changes_survive_kill_9(path: Path, synchronous: str) -> No
         assert len(table.routes) == table.version
     finally:
         store.close()
+
+
+def test_store_writes_run_in_a_thread_of_their_own_that_ends() -> None:
+    # ``in_own_thread`` (the store's writes): the result or the error comes
+    # back to the loop, the thread is gone afterwards, and a caller that
+    # gave up meanwhile makes no noise when the write ends.
+    def write(fail: bool) -> str:
+        time.sleep(0.05)
+        if fail:
+            raise StoreError("disk full")
+        return threading.current_thread().name
+
+    async def main() -> list[object]:
+        loop = asyncio.get_running_loop()
+        troubles: list[object] = []
+        loop.set_exception_handler(lambda _, context: troubles.append(context))
+        name = await in_own_thread(write, False)
+        with pytest.raises(StoreError, match="disk full"):
+            await in_own_thread(write, True)
+        abandoned = asyncio.ensure_future(in_own_thread(write, False))
+        await asyncio.sleep(0.01)
+        abandoned.cancel()
+        await asyncio.sleep(0.2)  # the write ends after its caller left
+        assert abandoned.cancelled()
+        assert name == "edge-router-store" and name != threading.current_thread().name
+        assert not [t for t in threading.enumerate() if t.name == name]
+        return troubles
+
+    assert asyncio.run(main()) == []
