@@ -23,11 +23,11 @@ Value = tuple[int, int, int, int, int]
 
 # What a Host value may hold (RFC 3986 reg-name, IP literals and a port):
 # letters, digits, "-._~", "%" of percent-encoding, the sub-delims, ":"
-# and the brackets.
-_NAME_BYTES = (
+# and the brackets.  The compiled twin builds its byte table from these.
+NAME_BYTES = (
     b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;="
 )
-_HOST_BYTES = _NAME_BYTES + b":[]"
+_HOST_BYTES = NAME_BYTES + b":[]"
 BAD_HOST_CHARACTER = "bad character in Host"
 
 
@@ -37,11 +37,10 @@ def host_label(host: bytes, domains: tuple[bytes, ...]) -> bytes | None:
     ``host`` is a Host header value as received; one that is not a host
     at all (a byte no host holds, a stray colon) is a ``ValueError``.  The
     port is dropped (it must be digits, at most 65535, else ``ValueError``),
-    then one trailing
-    dot, and what is left must be exactly ``label.domain`` for one of
-    ``domains`` (given lower-case, without a trailing dot).  Anything else,
-    the bare domain and deeper names included, is not a preview host:
-    ``None``.
+    then one trailing dot, and what is left must be exactly ``label.domain``
+    for one of ``domains`` (given lower-case, without a trailing dot).
+    Anything else, the bare domain and deeper names included, is not a
+    preview host: ``None``.
     """
     # RFC 9112 §3.2 wants a 400 for a Host that is not a host: a space, a
     # control byte, a non-ASCII byte, or a colon or bracket out of place.
@@ -49,7 +48,7 @@ def host_label(host: bytes, domains: tuple[bytes, ...]) -> bytes | None:
     # nothing, or the port's colon, for nearly every request.
     if type(host) is not bytes:
         raise TypeError(f"host must be bytes, not {type(host).__name__}")
-    odd = host.translate(None, _NAME_BYTES)
+    odd = host.translate(None, NAME_BYTES)
     if odd and odd != b":":
         if odd.translate(None, b":[]"):
             raise ValueError(BAD_HOST_CHARACTER)

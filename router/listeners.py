@@ -5,8 +5,9 @@ thread pool, a literal address too, and the pool's four threads then live
 as long as the process.  A process with a second thread pays for it on
 every system call of the data path: the kernel counts references on each
 socket it looks up, and glibc arms thread cancellation around each read and
-write.  On the 13-byte benchmark that was 2% of the CPU of a request
-(bench/README.md, "One thread").  So a listen address that is a literal IP
+write.  On the 13-byte benchmark that was 1-2% of the CPU of a request
+(measured with ``bench/http_bench.py --baseline`` against a router with
+its threads).  So a listen address that is a literal IP
 address is bound here and handed to the loop as a socket; a host name (or
 an empty host, every address) still goes through the loop's resolver.
 """

@@ -9,8 +9,10 @@ fixed records; deleting one moves the last record into its place.
 
 import os
 
-# Only for Hosts in brackets, never preview hosts: one copy of the rules.
-from router._labels_py import ip_literal
+# One copy of the Host rules for both twins: the bytes a name may hold,
+# the message, and IP literals (only for Hosts in brackets, never preview
+# hosts, so speed does not matter there).
+from router._labels_py import BAD_HOST_CHARACTER, NAME_BYTES, ip_literal
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
@@ -23,27 +25,22 @@ DEF MIN_SLOTS = 16
 
 cdef long long U32 = 0xFFFFFFFF
 
-# What each byte may be in a Host value, as in the pure twin's
-# ``_HOST_BYTES``: 0 none, 1 an ordinary one, 2 a colon, 3 a bracket.
+# What each byte may be in a Host value: 0 none, 1 a byte of a name
+# (``NAME_BYTES``), 2 a colon, 3 a bracket.
 cdef unsigned char HOST_CLASS[256]
 
 
-cdef void _fill_host_class() noexcept:
-    cdef const char *ok = (
-        b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-        b"-._~%!$&'()*+,;="
-    )
+cdef void _fill_host_class(bytes name_bytes) noexcept:
+    cdef unsigned char c
     memset(HOST_CLASS, 0, sizeof(HOST_CLASS))
-    while ok[0]:
-        HOST_CLASS[<unsigned char>ok[0]] = 1
-        ok += 1
+    for c in name_bytes:
+        HOST_CLASS[c] = 1
     HOST_CLASS[<unsigned char>b":"] = 2
     HOST_CLASS[<unsigned char>b"["] = 3
     HOST_CLASS[<unsigned char>b"]"] = 3
 
 
-_fill_host_class()
-BAD_HOST_CHARACTER = "bad character in Host"
+_fill_host_class(NAME_BYTES)
 
 
 cdef inline char _lower(char c) noexcept nogil:
