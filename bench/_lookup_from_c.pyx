@@ -25,6 +25,24 @@ def lookups(LabelIndex index, list labels):
     return found
 
 
+def chained_lookups(LabelIndex index, list labels, Py_ssize_t zero=0):
+    """``lookups``, each call waiting for the one before to finish.
+
+    Back to back, the processor starts the next lookup's memory reads
+    while the last one waits for its own, so ``lookups`` times a stream.
+    Here the label to look up next depends on what the last lookup read
+    (``zero`` is 0, but the compiler cannot know it): the time per call
+    is the whole latency of one lookup, as a request sees it.
+    """
+    cdef Py_ssize_t found = 0, k = 0, n = len(labels)
+    cdef Hit hit = Hit()
+    while k < n:
+        if index.lookup_into(<bytes>labels[k], hit):
+            found += 1
+        k += 1 + <Py_ssize_t>(hit.route_id & <unsigned long long>zero)
+    return found
+
+
 def memory_latency_ns(size_t nbytes, size_t steps=2_000_000):
     """Nanoseconds per dependent random read in an array of ``nbytes``.
 

@@ -222,6 +222,9 @@ def measure_lookup(twin_name: str, n: int) -> dict[str, Any]:
         # One Python call per pass: the per-label cost is the C loop's.
         out["c_hit"] = per_call_ns(functools.partial(module.lookups, index), hits)
         out["c_miss"] = per_call_ns(functools.partial(module.lookups, index), misses)
+        out["c_alone"] = per_call_ns(
+            functools.partial(module.chained_lookups, index), hits
+        )
         out["floor"] = module.memory_latency_ns(index.memory_bytes())
     del index
     gc.collect()
@@ -447,10 +450,14 @@ def lookup_section(args: argparse.Namespace) -> None:
     print("   called from compiled code with a kept Hit, as the compiled data")
     print("   path calls it (compiled twin only); 'fwd' is host_label + lookup")
     print("   on a worker's table.")
-    print("   '1 read' is one dependent random read in an array as big as the")
-    print("   index's (a C pointer chase): a hit makes two such reads (slot, then")
-    print("   entry), a miss one, so past the caches this machine's memory")
-    print("   latency, not the code, sets the lookup time.")
+    print("   Calls from C run back to back, and the processor overlaps the")
+    print("   memory reads of one lookup with the next's: 'from C' is the cost")
+    print("   per lookup in a stream.  'alone' is a hit that waits for the one")
+    print("   before (the next label depends on what it read): the latency one")
+    print("   request sees.  '1 read' is one dependent random read in an array")
+    print("   as big as the index's (a C pointer chase): a hit makes two such")
+    print("   reads in a row (slot, then label, with the value alongside), a")
+    print("   miss one, so past the caches memory latency sets 'alone'.")
     head = (
         "routes",
         "twin",
@@ -459,23 +466,21 @@ def lookup_section(args: argparse.Namespace) -> None:
         "index miss",
         "from C hit",
         "from C miss",
+        "alone",
         "fwd hit",
         "fwd miss",
         "1 read",
     )
-    print(
-        "   {:>9} {:>4} {:>6} {:>10} {:>11} {:>11} {:>12} {:>8} {:>9} {:>7}".format(
-            *head
-        )
-    )
+    widths = (9, 4, 6, 10, 11, 11, 12, 6, 8, 9, 7)
+    print("   " + " ".join(f"{h:>{w}}" for h, w in zip(head, widths, strict=True)))
     for n in args.sizes:
         for twin in TWINS:
             r = child("lookup", twin, n)
-            c_hit, c_miss = r.get("c_hit"), r.get("c_miss")
+            c_hit, c_miss, alone = r.get("c_hit"), r.get("c_miss"), r.get("c_alone")
             c_cols = (
-                f" {c_hit:>11.0f} {c_miss:>12.0f}"
-                if c_hit is not None and c_miss is not None
-                else f" {'-':>11} {'-':>12}"
+                f" {c_hit:>11.0f} {c_miss:>12.0f} {alone:>6.0f}"
+                if c_hit is not None and c_miss is not None and alone is not None
+                else f" {'-':>11} {'-':>12} {'-':>6}"
             )
             best = min(v for v in (r["index_hit"], c_hit) if v is not None)
             floor = f"{r['floor']:>7.0f}" if "floor" in r else f"{'-':>7}"

@@ -223,6 +223,71 @@ def test_index_set_lookup_remove(twin: ModuleType) -> None:
     assert len(index) == 0
 
 
+def test_index_tells_apart_labels_one_byte_apart_at_every_length(
+    twin: ModuleType,
+) -> None:
+    # The compiled twin hashes and compares labels a word at a time, the
+    # last word overlapping the one before, and labels under eight bytes
+    # byte by byte: a byte missed at any length or place would make two
+    # labels one.  Grown from empty, the table also moves its arrays many
+    # times on the way.
+    index = twin.LabelIndex()
+    labels = {}
+    for n in range(1, 64):
+        base = bytes(b"abcdefghijklmnopqrstuvwxyz0123456789"[i % 36] for i in range(n))
+        variants = [base] + [base[:p] + b"-" + base[p + 1 :] for p in range(n)]
+        # Not found yet, though their prefixes one byte shorter are there.
+        for label in variants:
+            assert index.lookup(label) is None
+        for label in variants:
+            labels[label] = len(labels) + 1
+            assert index.set(label, labels[label], n, 8000, 0, 0) is None
+    assert len(index) == len(labels) == sum(n + 1 for n in range(1, 64))
+    assert all(index.lookup(k) == (v, len(k), 8000, 0, 0) for k, v in labels.items())
+
+    # Half removed (each removal moves the last entry into the hole), then
+    # the spare room given back: the other half is still found, unchanged.
+    gone = list(labels)[::2]
+    for label in gone:
+        assert index.remove(label) is True
+    index.compact()
+    for label in gone:
+        assert index.lookup(label) is None
+    kept = {k: v for k, v in labels.items() if k not in set(gone)}
+    assert len(index) == len(kept)
+    assert all(index.lookup(k) == (v, len(k), 8000, 0, 0) for k, v in kept.items())
+    assert dict((k, v[0]) for k, v in index.items()) == kept
+
+
+def test_index_compares_whole_labels_that_share_a_hash(twin: ModuleType) -> None:
+    if not hasattr(twin.LabelIndex, "hash_of"):
+        pytest.skip("the pure twin's index is a dict, which compares keys itself")
+
+    # Labels of 5 bytes (compared byte by byte) and of 43 and 63 (where
+    # the last bytes are only in the overlapping last word), alike but for
+    # their last three bytes: a birthday search finds two with one hash
+    # in about 80,000 tries.
+    index = twin.LabelIndex()
+    for n in (5, 43, 63):
+        prefix = b"p" * (n - 3)
+        seen: dict[int, bytes] = {}
+        for i in range(1 << 24):
+            label = prefix + i.to_bytes(3, "big")
+            other = seen.setdefault(index.hash_of(label), label)
+            if other != label:
+                break
+        assert index.hash_of(label) == index.hash_of(other)
+
+        index.set(other, 1, n, 8000, 0, 0)
+        assert index.lookup(label) is None
+        index.set(label, 2, n, 8000, 0, 0)
+        assert index.lookup(other) == (1, n, 8000, 0, 0)
+        assert index.lookup(label) == (2, n, 8000, 0, 0)
+        assert index.remove(other) is True
+        assert index.lookup(other) is None
+        assert index.lookup(label) == (2, n, 8000, 0, 0)
+
+
 def test_index_lookup_into_fills_the_hit_it_is_given(twin: ModuleType) -> None:
     # What the data path calls: the same answer as ``lookup``, in fields.
     index = twin.LabelIndex()
