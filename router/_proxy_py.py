@@ -36,6 +36,7 @@ from . import answers, grammar
 from .config import Config
 from .errors import RouteError
 from .listeners import hostport
+from .quiet import Repeats
 from .routes import FLAG_PRESERVE_HOST, ForwardingTable, parse_target, same_socket
 from .speedups import http, labels
 from .speedups import tunnel as _tunnel
@@ -176,6 +177,8 @@ class Proxy:
         self.draining = False
         self.tunnel_idle = config.tunnel_idle_timeout
         self.stats = Stats()
+        # Upstream warnings, one line a cause every ten seconds.
+        self.repeats = Repeats()
         self._sweeper: asyncio.TimerHandle | None = None
 
     def local_host(self, port: int) -> bytes:
@@ -235,7 +238,20 @@ class Proxy:
                 self.pools[key] = keep
             else:
                 del self.pools[key]
+        if len(self.repeats):
+            for cause, held in self.repeats.ended(now):
+                log.warning(
+                    "%s: %d more like it in %g s", cause, held, self.repeats.window
+                )
         self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    def warn(self, cause: str, detail: str = "") -> None:
+        """A warning about an upstream, at most once a window per ``cause``.
+
+        The ones held back are counted, and told when the window ends.
+        """
+        if self.repeats.let_through(cause, self.loop.time()):
+            log.warning("%s%s", cause, detail)
 
     # -- revocation (SPEC §2) -------------------------------------------
 
@@ -1001,10 +1017,9 @@ class ClientConnection:
             return
         self.proxy.stats.errors += 1
         label = self.label.decode() or "fallback"
-        if cause is None:
-            log.warning("upstream for %s: %s", label, code)
-        else:
-            log.warning("upstream for %s: %s (%s)", label, code, cause)
+        self.proxy.warn(
+            f"upstream for {label}: {code}", "" if cause is None else f" ({cause})"
+        )
         if self.status == 0:
             self.upstream = None
             self._reply(code, message, close=not self.req_done)
@@ -1203,8 +1218,9 @@ class UpstreamConnection:
             try:
                 head = parse_response(self.buf, 65536, self.head_request)
             except http.ParseError as exc:
-                log.warning(
-                    "upstream %s sent a bad response: %s", self.key[1], exc.message
+                self.proxy.warn(
+                    f"upstream {_where(self.key[1])} sent a bad response",
+                    f": {exc.message}",
                 )
                 self.client = None
                 client.upstream = None
@@ -1336,8 +1352,9 @@ class UpstreamConnection:
                     used = self.framer.feed(data)
                     transport.write(data if used == len(data) else data[:used])
             except http.ParseError as exc:
-                log.warning(
-                    "upstream %s: bad chunked body: %s", self.key[1], exc.message
+                self.proxy.warn(
+                    f"upstream {_where(self.key[1])}: bad chunked body",
+                    f": {exc.message}",
                 )
                 self._abort(client)
                 return
@@ -1388,7 +1405,7 @@ class UpstreamConnection:
             client.buf = b""
 
     def _bad_switch(self, client: ClientConnection, why: str) -> None:
-        log.warning("upstream %s: %s", self.key[1], why)
+        self.proxy.warn(f"upstream {_where(self.key[1])}: {why}")
         self.client = None
         client.upstream = None
         self.close()

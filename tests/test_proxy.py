@@ -174,6 +174,35 @@ def test_an_upstream_host_that_does_not_resolve_is_502_not_refused(
     assert body["error"] == "The sandbox port refused the connection"
 
 
+def test_a_sandbox_that_stays_down_is_one_warning_not_one_per_request(
+    make_router: MakeRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A load test or a retrying page against a dead port must not fill the
+    # log: the first failure of each route is told, the rest counted.
+    caplog.set_level(logging.WARNING, logger="edge_router")
+    router = make_router(retry_window=0)
+    down = router.host(router.expose("sb", free_port()))
+    other = router.host(router.expose("sb2", free_port()))
+    for _ in range(20):
+        assert_answer(get(router, down), 502, "UPSTREAM_UNAVAILABLE")
+    assert_answer(get(router, other), 502, "UPSTREAM_UNAVAILABLE")
+    lines = [r.getMessage() for r in caplog.records if r.name == "edge_router"]
+    for host in (down, other):
+        label = host.partition(".")[0]
+        told = [line for line in lines if line.startswith(f"upstream for {label}:")]
+        assert len(told) == 1, lines
+        assert "UPSTREAM_UNAVAILABLE (127.0.0.1:" in told[0]
+    # The other 19 are told when the window ends (at a sweep, every second).
+    router.service.proxy.repeats.window = 0.5
+    label = down.partition(".")[0]
+    summary = f"upstream for {label}: UPSTREAM_UNAVAILABLE: 19 more like it in 0.5 s"
+    deadline = time.monotonic() + 5
+    while summary not in [r.getMessage() for r in caplog.records]:
+        assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+        time.sleep(0.1)
+    assert len(router.service.proxy.repeats) == 0
+
+
 def test_port_that_starts_inside_the_retry_window_is_served(
     make_router: MakeRouter,
 ) -> None:

@@ -333,7 +333,7 @@ cdef class LabelIndex:
         empty = (s0 == 0) | (s1 == 0) | (s2 == 0) | (s3 == 0)
         if empty:
             return -1
-        return self._walk(data, n, h, (h + 4) & m)
+        return self._walk(data, n, h, (<uint64_t>h + 4) & m)
 
     cdef Py_ssize_t _walk(
         self, const char *data, Py_ssize_t n, uint32_t h, uint64_t i

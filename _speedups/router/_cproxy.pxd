@@ -47,6 +47,7 @@ cdef class Proxy:
     cdef public dict pools, local_hosts, by_route
     cdef public set clients
     cdef public Stats stats
+    cdef public object repeats
 
     cpdef UpstreamConnection take(self, object key)
 
