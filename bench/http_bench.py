@@ -520,6 +520,22 @@ class Bench:
             self.host = f"{self.upstream_port}-{SANDBOX}-{TOKEN}.localhost:{port}"
         print(f"{name} command (in {tree}): " + " ".join(argv))
 
+    def start_floor(self) -> None:
+        """``pipe_floor.py``: bytes piped to the upstream, nothing parsed."""
+        port = free_port()
+        script = REPO / "bench" / "pipe_floor.py"
+        argv = pin(
+            self.args.proxy_cpu,
+            self.args.python,
+            str(script),
+            str(port),
+            str(self.upstream_port),
+        )
+        proc = self.procs.start("floor", argv, self.tmp / "floor.log")
+        wait_listening(proc, port)
+        self.proxies.append(Proxy("floor", proc, port))
+        print("floor command: " + " ".join(argv))
+
     # -- 3. the checks before timing -------------------------------------
 
     def verify(self) -> None:
@@ -538,13 +554,15 @@ class Bench:
                 raise SystemExit(
                     f"{proxy.name} POST /upload: status {status}, body {got[:80]!r}"
                 )
+            if proxy.name == "floor":
+                continue  # it forwards the request as it came, on purpose
             status, got = http_get(proxy.port, self.host, "/echo")
             fields = dict(
                 line.split("=", 1) for line in got.decode().splitlines() if line
             )
             seen[proxy.name] = fields
         print(
-            "Bodies: both proxies return the same bytes for /small (13 B), "
+            "Bodies: every proxy returns the same bytes for /small (13 B), "
             "/64k.bin, /1m.bin and POST /upload (sha256 "
             + ", ".join(
                 f"{p}={hashlib.sha256(b).hexdigest()[:12]}"
@@ -778,6 +796,8 @@ def report(
         pairs = [("edge/nginx", edge, base)]
         if "baseline" in med:
             pairs += [("base/nginx", "baseline", base), ("edge/base", edge, "baseline")]
+        if "floor" in med:
+            pairs += [("floor/nginx", "floor", base), ("edge/floor", edge, "floor")]
         for label, top, bottom in pairs:
             t, b = med[top], med[bottom]
             print(
@@ -839,6 +859,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " place) as a third proxy: an A/B of two commits in one run",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run bench/pipe_floor.py, a uvloop pipe that parses nothing, as"
+        " a proxy: the floor under any Python proxy's CPU per request",
+    )
+    parser.add_argument(
         "--nginx-directive",
         action="append",
         metavar="TEXT",
@@ -884,7 +910,7 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed")
     per_proxy = args.warmup + args.rounds * args.duration
-    proxies = 3 if args.baseline else 2
+    proxies = 2 + bool(args.baseline) + bool(args.floor)
     runs = len(scenarios) * proxies * ((1 if args.warmup else 0) + args.rounds)
     estimate = (
         len(scenarios) * proxies * per_proxy + runs * RUN_OVERHEAD + SETUP_OVERHEAD
@@ -922,6 +948,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.start_edge_router()
             if args.baseline:
                 bench.start_edge_router("baseline", Path(args.baseline).resolve())
+            if args.floor:
+                bench.start_floor()
             show_pins(bench)
             bench.verify()
             try:
