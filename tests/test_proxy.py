@@ -767,6 +767,77 @@ def test_upstream_pool_is_per_sandbox(make_router: MakeRouter) -> None:
         assert up.connections == 2
 
 
+def test_a_client_that_alternates_sandboxes_never_shares_their_connections(
+    make_router: MakeRouter,
+) -> None:
+    # A client connection keeps the upstream connection of its last request
+    # for its next one: only while that goes to the same sandbox and port.
+    router = make_router()
+    seen: list[tuple[bytes, Any]] = []
+
+    def note(peer: Peer) -> None:
+        while (request := peer.read_request()) is not None:
+            seen.append((request[0].partition(b" HTTP")[0], peer.sock.getpeername()))
+            peer.send(OK_RESPONSE)
+
+    with ScriptedUpstream(note) as up, Wire(router.port) as wire:
+        one = router.host(router.expose("one", up.port))
+        two = router.host(router.expose("two", up.port))
+        for i, host in enumerate((one, one, two, one, two, two, one)):
+            wire.send(request_bytes(host, f"/{host[:9]}/{i}"))
+            assert wire.response().body == b"ok"
+    assert len(seen) == 7
+    by_sandbox: dict[str, set[Any]] = {}
+    for target, peer in seen:
+        by_sandbox.setdefault(target.split(b"/")[1].decode(), set()).add(peer)
+    assert len(by_sandbox) == 2
+    first, second = by_sandbox.values()
+    assert not first & second
+    assert up.connections == 2
+
+
+def test_keep_alive_clients_hold_no_more_idle_upstream_connections_than_the_pool(
+    make_router: MakeRouter,
+) -> None:
+    # Each of 70 kept-alive clients may keep its last upstream connection,
+    # but a sandbox never holds more than 64 idle ones (the pool's limit):
+    # a small dev server must not be flooded by idle sockets.
+    router = make_router()
+    lock = threading.Lock()
+    open_now = [0]
+
+    def count(peer: Peer) -> None:
+        with lock:
+            open_now[0] += 1
+        try:
+            while peer.read_request() is not None:
+                peer.send(OK_RESPONSE)
+        finally:
+            with lock:
+                open_now[0] -= 1
+
+    with ScriptedUpstream(count) as up:
+        host = router.host(router.expose("sb", up.port))
+        wires = [Wire(router.port) for _ in range(70)]
+        try:
+            for round_ in range(2):
+                for wire in wires:
+                    wire.send(request_bytes(host, f"/{round_}"))
+                    assert wire.response().body == b"ok"
+                deadline = time.monotonic() + 5
+                while open_now[0] > 64 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert open_now[0] <= 64, open_now
+        finally:
+            for wire in wires:
+                wire.close()
+        # The clients gone, what they kept went to the pool: a new client
+        # is served on one of those, not on a new connection.
+        made = up.connections
+        assert get(router, host).status == 200
+        assert up.connections == made
+
+
 def test_answers_on_later_requests_of_a_kept_alive_connection(
     make_router: MakeRouter,
 ) -> None:
