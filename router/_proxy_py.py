@@ -170,10 +170,6 @@ class Proxy:
         # the control socket would skip every check.
         self.own_sockets = config.unix_listeners()
         self.pools: dict[tuple[str, Address], list[UpstreamConnection]] = {}
-        # Per pool key, how many idle connections client connections keep
-        # for their next request (``keep``); they count against the pool's
-        # MAX_IDLE_PER_POOL with the pooled ones.
-        self.kept: dict[tuple[str, Address], int] = {}
         self.local_hosts: dict[int, bytes] = {}
         self.clients: set[ClientConnection] = set()
         # route_id → connections relaying a request of that route right now.
@@ -227,9 +223,6 @@ class Proxy:
         now = self.loop.time()
         idle = self.tunnel_idle
         for conn in list(self.clients):
-            kept = conn.kept
-            if kept is not None and now - kept.idle_since >= UPSTREAM_IDLE_SECONDS:
-                conn.release_kept()  # and the pool closes it below
             if conn.deadline and now >= conn.deadline:
                 conn.deadline_passed()
             elif idle and conn.tunnel is not None and now - conn.last_active > idle:
@@ -358,42 +351,15 @@ class Proxy:
                 return up
         return None
 
-    def give_back(self, up: UpstreamConnection, idle_since: float = 0.0) -> None:
-        """Pool an idle connection (idle since ``idle_since``, or now)."""
+    def give_back(self, up: UpstreamConnection) -> None:
         pool = self.pools.get(up.key)
         if pool is None:
             pool = self.pools[up.key] = []
-        held = len(pool) + self.kept.get(up.key, 0)
-        if held >= MAX_IDLE_PER_POOL or self.draining:
+        if len(pool) >= MAX_IDLE_PER_POOL or self.draining:
             up.close()
             return
-        up.idle_since = idle_since or self.now()
-        pool.append(up)
-
-    def keep(self, up: UpstreamConnection) -> bool:
-        """Whether the client connection ``up`` just served may keep it.
-
-        A client's next request nearly always goes where its last one went,
-        and reusing that connection skips the pool and keeps each socket
-        with one peer (about 3% more requests/s at 50 connections).  Kept
-        connections are idle ones like the pooled, under the same limit,
-        so a sandbox never holds more than MAX_IDLE_PER_POOL of them.
-        """
-        key = up.key
-        held = self.kept.get(key, 0)
-        pool = self.pools.get(key)
-        if self.draining or held + (len(pool) if pool else 0) >= MAX_IDLE_PER_POOL:
-            return False
-        self.kept[key] = held + 1
         up.idle_since = self.now()
-        return True
-
-    def unkeep(self, up: UpstreamConnection) -> None:
-        held = self.kept[up.key] - 1
-        if held:
-            self.kept[up.key] = held
-        else:
-            del self.kept[up.key]
+        pool.append(up)
 
     def forget(self, up: UpstreamConnection) -> None:
         pool = self.pools.get(up.key)
@@ -451,7 +417,6 @@ class ClientConnection:
         "forwarded_for",
         "head",
         "keep_alive",
-        "kept",
         "label",
         "last_active",
         "paused",
@@ -486,9 +451,6 @@ class ClientConnection:
         self.deadline_kind = DL_NONE
         self.head: Any = None
         self.upstream: UpstreamConnection | None = None
-        # The upstream connection of this client's last request, kept idle
-        # for its next one (see ``Proxy.keep``).
-        self.kept: UpstreamConnection | None = None
         self.route_id = 0
         self.sandbox = ""
         self.req_framing = 0
@@ -576,7 +538,6 @@ class ClientConnection:
         self._unregister()
         if self.tunnel is not None:
             self.tunnel.peer_lost("client")
-        self.release_kept()
         up = self.upstream
         self.upstream = None
         if up is not None:
@@ -744,7 +705,7 @@ class ClientConnection:
 
         # 2. The head as the upstream sees it.
         out = render_request(head, host, self._forwarded_for(head))
-        up = self._upstream_for(key)
+        up = proxy.take(key)
         if up is not None:
             up.start(self, out, head.method == b"HEAD")
         else:
@@ -756,31 +717,6 @@ class ClientConnection:
         if not self.req_done and self.buf:
             rest, self.buf = self.buf, b""
             self._request_body(rest)
-
-    def _upstream_for(self, key: tuple[str, Address]) -> UpstreamConnection | None:
-        """The connection kept from this client's last request if it goes to
-        the same sandbox and target and is still open; else a pooled one."""
-        up = self.kept
-        if up is None:
-            return self.proxy.take(key)
-        self.kept = None
-        self.proxy.unkeep(up)
-        if up.transport is None or up.transport.is_closing():
-            pass  # the upstream closed it meanwhile
-        elif up.key == key:
-            return up
-        else:
-            self.proxy.give_back(up, up.idle_since)
-        return self.proxy.take(key)
-
-    def release_kept(self) -> None:
-        """Hand the kept connection to the pool (the client is going)."""
-        up = self.kept
-        if up is not None:
-            self.kept = None
-            self.proxy.unkeep(up)
-            if up.transport is not None and not up.transport.is_closing():
-                self.proxy.give_back(up, up.idle_since)
 
     def _forwarded_for(self, head: Any) -> bytes:
         host = head.host or b""
@@ -964,12 +900,10 @@ class ClientConnection:
         self.upstream = None
         if up is not None:
             up.client = None
-            if not reusable:
-                up.close()
-            elif self.keep_alive and self.kept is None and self.proxy.keep(up):
-                self.kept = up
-            else:
+            if reusable:
                 self.proxy.give_back(up)
+            else:
+                up.close()
         self._request_finished()
 
     def _maybe_finish(self) -> None:

@@ -44,26 +44,20 @@ cdef class Proxy:
     cdef public long long max_body
     cdef public double tunnel_idle, head_timeout, idle_timeout
     cdef public double response_timeout, grace
-    cdef public dict pools, local_hosts, by_route, kept
+    cdef public dict pools, local_hosts, by_route
     cdef public set clients
     cdef public Stats stats
     cdef public object repeats
 
     cpdef UpstreamConnection take(self, object key)
 
-    cpdef give_back(self, UpstreamConnection up, double idle_since=*)
-
-    @cython.locals(held=Py_ssize_t, pool=list)
-    cpdef bint keep(self, UpstreamConnection up)
-
-    @cython.locals(held=Py_ssize_t)
-    cpdef unkeep(self, UpstreamConnection up)
+    cpdef give_back(self, UpstreamConnection up)
 
 
 @cython.final
 cdef class ClientConnection:
     cdef public Proxy proxy
-    cdef public UpstreamConnection upstream, kept
+    cdef public UpstreamConnection upstream
     cdef public RequestHead head
     cdef public object transport, peer, forwarded, forwarded_for, sandbox
     cdef public bytes buf
@@ -86,12 +80,6 @@ cdef class ClientConnection:
 
     @cython.locals(head=RequestHead, proxy=Proxy, up=UpstreamConnection)
     cpdef _dispatch(self, object key, object host)
-
-    @cython.locals(up=UpstreamConnection)
-    cpdef UpstreamConnection _upstream_for(self, object key)
-
-    @cython.locals(up=UpstreamConnection)
-    cpdef release_kept(self)
 
     cpdef bytes _forwarded_for(self, RequestHead head)
 
