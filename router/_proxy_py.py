@@ -27,6 +27,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -209,6 +210,7 @@ class Proxy:
             conn._close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self._tell_repeats(math.inf)
         for pool in self.pools.values():
             for up in pool:
                 up.close()
@@ -239,19 +241,28 @@ class Proxy:
             else:
                 del self.pools[key]
         if len(self.repeats):
-            for cause, held in self.repeats.ended(now):
-                log.warning(
-                    "%s: %d more like it in %g s", cause, held, self.repeats.window
-                )
+            self._tell_repeats(now)
         self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    def _tell_repeats(self, now: float) -> None:
+        for cause, held in self.repeats.ended(now):
+            self._repeated(cause, held)
+
+    def _repeated(self, cause: object, held: int) -> None:
+        window = self.repeats.window
+        log.warning("%s: repeated %d more times within %g s", cause, held, window)
 
     def warn(self, cause: str, detail: str = "") -> None:
         """A warning about an upstream, at most once a window per ``cause``.
 
         The ones held back are counted, and told when the window ends.
         """
-        if self.repeats.let_through(cause, self.loop.time()):
-            log.warning("%s%s", cause, detail)
+        held = self.repeats.let_through(cause, self.loop.time())
+        if held is None:
+            return
+        if held:
+            self._repeated(cause, held)
+        log.warning("%s%s", cause, detail)
 
     # -- revocation (SPEC §2) -------------------------------------------
 
@@ -601,6 +612,7 @@ class ClientConnection:
             if proxy.fallback is None:
                 self._reply("NOT_FOUND")
                 return
+            self.label = b""  # logged as "fallback"
             self.route_id = 0
             self.sandbox = ""
             self._dispatch(("", proxy.fallback), head.host or b"")
@@ -677,6 +689,7 @@ class ClientConnection:
         if sandbox.stopped:
             self._reply("STALE_PREVIEW_URL")
             return
+        self.label = b"%s:%d (internal)" % (sandbox.name.encode(), port)
         self.route_id = 0
         self.sandbox = sandbox.name
         self._dispatch(

@@ -22,33 +22,32 @@ class Repeats:
         self.window = window
         # cause → [when its window began, lines held back since]
         self._open: dict[Hashable, list[float]] = {}
-        # Windows that ended when their cause came back, before ``ended``
-        # was asked: their counts wait here for it.
-        self._closed: list[tuple[Hashable, int]] = []
 
     def __len__(self) -> int:
         return len(self._open)
 
-    def let_through(self, cause: Hashable, now: float) -> bool:
-        """Whether to write this line: the first of its cause in a window."""
+    def let_through(self, cause: Hashable, now: float) -> int | None:
+        """None to hold this line back (it is counted); else write it.
+
+        The number is how many lines of this cause the window that has
+        just ended held back, to be told before this line (0: none).
+        """
         seen = self._open.get(cause)
-        if seen is None or now - seen[0] >= self.window:
-            if seen is not None and seen[1]:
-                self._closed.append((cause, int(seen[1])))
-            self._open[cause] = [now, 0.0]
-            return True
-        seen[1] += 1
-        return False
+        if seen is not None and now - seen[0] < self.window:
+            seen[1] += 1
+            return None
+        self._open[cause] = [now, 0.0]
+        return 0 if seen is None else int(seen[1])
 
     def ended(self, now: float) -> list[tuple[Hashable, int]]:
         """Causes whose window is over, with the lines held back in it.
 
-        Called now and then (the proxy's sweeper, every second); a window
-        that held nothing back is forgotten without a line.  Nothing is
-        kept beyond a window, so memory follows the causes of the last
-        ``window`` seconds, not all causes ever seen.
+        Called now and then (the proxy's sweeper, every second), and with
+        ``now`` at infinity on the way out, so that no count is lost; a
+        window that held nothing back is forgotten without a line.
+        Nothing is kept beyond a window, so memory follows the causes of
+        the last ``window`` seconds, not all causes ever seen.
         """
         over = [c for c, (begun, _) in self._open.items() if now - begun >= self.window]
-        counts = self._closed + [(c, int(self._open.pop(c)[1])) for c in over]
-        self._closed = []
+        counts = [(c, int(self._open.pop(c)[1])) for c in over]
         return [(cause, held) for cause, held in counts if held]

@@ -116,6 +116,30 @@ def test_websocket_through_the_internal_entry(
     assert ws_upstream.requests[0][1]["Host"] == f"localhost:{ws_upstream.port}"
 
 
+def test_each_sandbox_down_behind_the_internal_entry_has_its_own_warning(
+    make_router: Callable[..., RouterThread], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The internal entry has no preview label: warnings name the sandbox
+    # and port, so that one sandbox down does not hide another for the
+    # ten seconds in which repeats are only counted.
+    caplog.set_level(logging.WARNING, logger="edge_router")
+    router = make_router(retry_window=0)
+    for name in ("sbx", "sby"):
+        router.commit(
+            {"op": "set_sandbox", "sandbox": name, "upstream_host": "127.0.0.1"}
+        )
+    ports = {"sbx": free_port(), "sby": free_port()}
+    for name in ("sbx", "sby", "sbx"):
+        status, body = internal_get(router, name, ports[name])
+        assert (status, error_code(body)) == (502, "UPSTREAM_UNAVAILABLE")
+    lines = [r.getMessage() for r in caplog.records if r.name == "edge_router"]
+    told = sorted(line.partition(" (127")[0] for line in lines if "upstream" in line)
+    assert told == [
+        f"upstream for sbx:{ports['sbx']} (internal): UPSTREAM_UNAVAILABLE",
+        f"upstream for sby:{ports['sby']} (internal): UPSTREAM_UNAVAILABLE",
+    ]
+
+
 def test_unknown_sandbox_is_404(router: RouterThread, recorder: UpstreamServer) -> None:
     status, body = internal_get(router, "nobody", recorder.port)
     assert status == 404

@@ -195,12 +195,52 @@ def test_a_sandbox_that_stays_down_is_one_warning_not_one_per_request(
     # The other 19 are told when the window ends (at a sweep, every second).
     router.service.proxy.repeats.window = 0.5
     label = down.partition(".")[0]
-    summary = f"upstream for {label}: UPSTREAM_UNAVAILABLE: 19 more like it in 0.5 s"
+    summary = (
+        f"upstream for {label}: UPSTREAM_UNAVAILABLE: repeated 19 more times"
+        " within 0.5 s"
+    )
     deadline = time.monotonic() + 5
     while summary not in [r.getMessage() for r in caplog.records]:
         assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
         time.sleep(0.1)
     assert len(router.service.proxy.repeats) == 0
+
+
+def test_repeats_still_counted_when_the_router_stops_are_told(
+    make_router: MakeRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="edge_router")
+    router = make_router(retry_window=0)
+    down = router.host(router.expose("sb", free_port()))
+    for _ in range(5):
+        assert_answer(get(router, down), 502, "UPSTREAM_UNAVAILABLE")
+    router.call(router.service.drain())
+    label = down.partition(".")[0]
+    lines = [r.getMessage() for r in caplog.records if r.name == "edge_router"]
+    assert (
+        f"upstream for {label}: UPSTREAM_UNAVAILABLE: repeated 4 more times within 10 s"
+    ) in lines
+
+
+def test_a_fallback_failure_is_not_told_under_the_last_routes_name(
+    make_router: MakeRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One kept-alive connection: a preview request, then one for a host
+    # that goes to the fallback upstream, which is down.  The warning must
+    # name the fallback, not the route the connection used before (which
+    # would also hide that route's own failures for the window).
+    caplog.set_level(logging.WARNING, logger="edge_router")
+    router = make_router(retry_window=0, fallback=f"127.0.0.1:{free_port()}")
+    with upstream() as up, Wire(router.port) as wire:
+        host = router.host(router.expose("sb", up.port))
+        wire.send(request_bytes(host))
+        assert wire.response().status == 200
+        wire.send(request_bytes("elsewhere.example"))
+        assert_answer(wire.response(), 502, "UPSTREAM_UNAVAILABLE")
+    lines = [r.getMessage() for r in caplog.records if r.name == "edge_router"]
+    assert [line.partition(" (")[0] for line in lines if "upstream" in line] == [
+        "upstream for fallback: UPSTREAM_UNAVAILABLE"
+    ]
 
 
 def test_port_that_starts_inside_the_retry_window_is_served(
@@ -765,6 +805,59 @@ def test_upstream_pool_is_per_sandbox(make_router: MakeRouter) -> None:
         # connection ever carries requests of both.
         assert not by_sandbox[one] & by_sandbox[two]
         assert up.connections == 2
+
+
+def test_a_client_that_alternates_sandboxes_never_shares_their_connections(
+    make_router: MakeRouter,
+) -> None:
+    # One kept-alive client, its requests going back and forth between two
+    # sandboxes on one upstream server: each request is routed afresh, and
+    # an upstream connection carries one sandbox's requests only.
+    router = make_router()
+    seen: list[tuple[bytes, Any]] = []
+
+    def note(peer: Peer) -> None:
+        while (request := peer.read_request()) is not None:
+            seen.append((request[0].partition(b" HTTP")[0], peer.sock.getpeername()))
+            peer.send(OK_RESPONSE)
+
+    with ScriptedUpstream(note) as up, Wire(router.port) as wire:
+        one = router.host(router.expose("one", up.port))
+        two = router.host(router.expose("two", up.port))
+        for i, host in enumerate((one, one, two, one, two, two, one)):
+            wire.send(request_bytes(host, f"/{host[:9]}/{i}"))
+            assert wire.response().body == b"ok"
+    assert len(seen) == 7
+    by_sandbox: dict[str, set[Any]] = {}
+    for target, peer in seen:
+        by_sandbox.setdefault(target.split(b"/")[1].decode(), set()).add(peer)
+    assert len(by_sandbox) == 2
+    first, second = by_sandbox.values()
+    assert not first & second
+    assert up.connections == 2
+
+
+def test_idle_kept_alive_clients_tie_up_no_upstream_connection(
+    make_router: MakeRouter,
+) -> None:
+    # Seventy clients stay connected after one request each, one after the
+    # other: an upstream connection goes back to the pool when its response
+    # ends, so every request reuses the same one.  (A connection reserved
+    # for each idle client would make the 65th and later open and close
+    # a connection per request.)
+    router = make_router()
+    with ScriptedUpstream(answer_with(OK_RESPONSE)) as up:
+        host = router.host(router.expose("sb", up.port))
+        wires = [Wire(router.port) for _ in range(70)]
+        try:
+            for round_ in range(2):
+                for wire in wires:
+                    wire.send(request_bytes(host, f"/{round_}"))
+                    assert wire.response().body == b"ok"
+        finally:
+            for wire in wires:
+                wire.close()
+        assert up.connections == 1
 
 
 def test_answers_on_later_requests_of_a_kept_alive_connection(
