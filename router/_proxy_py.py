@@ -255,7 +255,8 @@ class Proxy:
     def warn(self, cause: str, detail: str = "") -> None:
         """A warning about an upstream, at most once a window per ``cause``.
 
-        The ones held back are counted, and told when the window ends.
+        The ones held back are counted, and the count is told when the
+        window ends, or before the cause's next line if that comes first.
         """
         held = self.repeats.let_through(cause, self.loop.time())
         if held is None:

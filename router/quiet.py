@@ -18,6 +18,8 @@ WINDOW_SECONDS = 10.0
 
 
 class Repeats:
+    """Which lines of a repeated warning to write, and what was held back."""
+
     def __init__(self, window: float = WINDOW_SECONDS) -> None:
         self.window = window
         # cause → [when its window began, lines held back since]

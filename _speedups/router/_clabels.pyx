@@ -304,8 +304,8 @@ cdef class LabelIndex:
         # The first four slots of the run at once, with no branch on what
         # they hold: nearly every hit is among them, and a branch that
         # waits for the slots to come from memory is mispredicted often
-        # enough (a quarter of hits are not in the home slot) to throw
-        # away the processor's work on the next lookups.  A label's slot
+        # enough (many hits are not in their home slot) to throw away the
+        # processor's work on the next lookups.  A label's slot
         # is in the run of its home slot, and a slot with the same hash
         # has the same home, so any slot here with the label's hash is a
         # candidate.
