@@ -9,6 +9,7 @@ loops, and a client that leaves mid-body still frees the upstream.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
 import socket
@@ -19,7 +20,7 @@ import pytest
 import uvloop
 from harness import Peer, RouterThread, ScriptedUpstream, Wire, router_factory
 
-from router.splice import AVAILABLE, MIN_SPLICE
+from router.splice import AVAILABLE, CHUNK, MIN_SPLICE, PIPES, PipeBudget
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason="os.splice is Linux-only")
 
@@ -65,6 +66,54 @@ def test_large_download_is_spliced_and_intact(
                 )
         assert router.service.proxy is not None
         assert router.service.proxy.stats.splices >= 2
+
+
+@pytest.mark.parametrize("budget", [0, 64 * 1024 * 1024])
+def test_downloads_at_once_are_intact_with_or_without_big_pipes(
+    make_router: Callable[..., RouterThread],
+    monkeypatch: pytest.MonkeyPatch,
+    budget: int,
+) -> None:
+    # Eight downloads at the same time, with no room for enlarged pipes and
+    # with room for all: the bytes are the same, and every enlarged pipe
+    # is given back when its relay ends.
+    monkeypatch.setattr(PIPES, "limit", budget)
+    assert PIPES.used == 0
+    body = os.urandom(SIZE)
+    with ScriptedUpstream(serve_body(body)) as up:
+        router = make_router()
+        host = router.host(router.expose("big", up.port, token="dl"))
+        wires = [Wire(router.port, timeout=10) for _ in range(8)]
+        try:
+            for wire in wires:
+                wire.send(b"GET /big HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+            for wire in wires:
+                response = wire.response()
+                assert response.status == 200
+                assert hashlib.sha256(response.body).digest() == (
+                    hashlib.sha256(body).digest()
+                )
+        finally:
+            for wire in wires:
+                wire.close()
+        assert router.service.proxy is not None
+        assert router.service.proxy.stats.splices >= 8
+    assert PIPES.used == 0
+
+
+def test_pipe_budget_enlarges_pipes_while_it_lasts() -> None:
+    budget = PipeBudget(2 * CHUNK)
+    pipes = [os.pipe() for _ in range(3)]
+    try:
+        assert [budget.enlarge(w) for _, w in pipes] == [True, True, False]
+        sizes = [fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) for _, w in pipes]
+        assert sizes[:2] == [CHUNK, CHUNK] and sizes[2] < CHUNK
+        budget.give_back()
+        assert budget.used == CHUNK and budget.enlarge(pipes[2][1])
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
 
 
 def test_large_upload_is_spliced_and_intact(
