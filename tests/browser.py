@@ -22,6 +22,7 @@ import http.server
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -239,10 +240,13 @@ class Chromium:
         ]
         if os.geteuid() == 0:
             flags.append("--no-sandbox")  # Chromium refuses root otherwise
+        # A session of its own, so that its helper processes can be
+        # stopped with it (they are in its process group).
         self.proc = subprocess.Popen(
             [path, *flags, url],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     def __enter__(self) -> Chromium:
@@ -253,4 +257,16 @@ class Chromium:
 
     def stop(self) -> None:
         stop_process(self.proc, 10)
+        # Chromium's helpers (zygote, renderers, crash handler) can outlive
+        # the browser process for a moment, still writing in the profile:
+        # removing it then failed with "Directory not empty" (seen once in
+        # CI).  Stop the group, and give stragglers a few seconds.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for _ in range(50):
+            try:
+                self._profile.cleanup()
+                return
+            except OSError:
+                time.sleep(0.1)
         self._profile.cleanup()
