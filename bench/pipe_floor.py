@@ -54,6 +54,10 @@ class Half(asyncio.Protocol):
 
 
 class Client(Half):
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__()
+        self.upstream_port = upstream_port
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         asyncio.get_running_loop().create_task(self.connect())
@@ -63,7 +67,7 @@ class Client(Half):
         loop = asyncio.get_running_loop()
         try:
             up, half = await loop.create_connection(
-                lambda: Half(self.transport), "127.0.0.1", UPSTREAM_PORT
+                lambda: Half(self.transport), "127.0.0.1", self.upstream_port
             )
         except OSError:
             self.transport.close()
@@ -75,12 +79,13 @@ class Client(Half):
         self.early = []
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, upstream_port: int) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Client, "127.0.0.1", port, backlog=4096)
+    server = await loop.create_server(
+        lambda: Client(upstream_port), "127.0.0.1", port, backlog=4096
+    )
     await server.serve_forever()
 
 
 if __name__ == "__main__":
-    UPSTREAM_PORT = int(sys.argv[2])
-    uvloop.run(serve(int(sys.argv[1])))
+    uvloop.run(serve(int(sys.argv[1]), int(sys.argv[2])))

@@ -191,7 +191,6 @@ class SpliceRelay:
             with contextlib.suppress(OSError):
                 os.close(fd)
         if self.enlarged:
-            self.enlarged = False
             PIPES.give_back()
         if ok and not self.src.is_closing():
             self.src.resume_reading()
