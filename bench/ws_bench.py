@@ -30,6 +30,11 @@ Per round two more figures are printed: the load side's CPU share of core
 0 (near 100 % means the round was limited by the load side, not by the
 proxy) and the cores used by other processes on the machine (noise).
 
+With ``--floor``, ``bench/pipe_floor.py`` (a uvloop pipe that reads no
+frame and gives each client an upstream connection of its own) runs as a
+third proxy, and a second table shows its figures: what any Python proxy
+on uvloop pays per message, under which edge-router cannot go.
+
 nginx runs with its stock tunnel buffer (``proxy_buffer_size``, one page)
 unless ``--nginx-buffer`` says otherwise; it reads and writes a tunnel in
 pieces of that size, which is what its 64 KiB figures show.
@@ -599,13 +604,23 @@ def started(args: argparse.Namespace) -> Iterator[tuple[list[Target], int]]:
             f"nginx: {args.nginx} -p {prefix} -c {conf} (1 worker, core "
             f"{args.proxy_cpu})"
         )
-        yield (
-            [
-                Target("edge-router", router, port, host, tmp / "edge-router.log"),
-                Target("nginx", nginx, nport, host, prefix / "error.log"),
-            ],
-            up.pid,
-        )
+        targets = [
+            Target("edge-router", router, port, host, tmp / "edge-router.log"),
+            Target("nginx", nginx, nport, host, prefix / "error.log"),
+        ]
+
+        # 4. The floor (``--floor``): bytes piped to the upstream, one
+        # upstream connection per client, nothing read.
+        if args.floor:
+            fport = free_port()
+            log = tmp / "floor.log"
+            script = REPO / "bench" / "pipe_floor.py"
+            argv = pin(args.proxy_cpu, args.python, str(script), str(fport))
+            floor = procs.start([*argv, str(up_port)], log)
+            wait_listening(floor, fport, log)
+            print("floor: " + " ".join([*argv, str(up_port)]))
+            targets.append(Target("floor", floor, fport, host, log))
+        yield targets, up.pid
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -686,6 +701,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0, help="per round")
     parser.add_argument("--idle-tunnels", type=int, default=10_000)
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run bench/pipe_floor.py, a uvloop pipe that reads no frame, "
+        "as a third proxy: the floor under any Python proxy's CPU per message",
+    )
     parser.add_argument(
         "--scenarios",
         default=",".join(s.key for s in SCENARIOS),
@@ -773,13 +794,34 @@ async def run(
             f"{scenario.key:14}{e_rate:12.0f}{n_rate:13.0f}{e_rate / n_rate:7.2f}"
             f"{e_cpu:13.1f}{n_cpu:14.1f}{e_cpu / n_cpu:7.2f}"
         )
+    if args.floor:
+        # What a pipe that reads no frame costs, and what edge-router costs
+        # over it: the part of the gap to nginx that is edge-router's own.
+        print(
+            f"{'scenario':14}{'floor msg/s':>12}{'floor/nginx':>13}"
+            f"{'floor us/msg':>13}{'floor/nginx':>13}{'edge/floor':>12}"
+        )
+        for scenario in scenarios:
+            floor = results[("floor", scenario.key)]
+            ngx = results[("nginx", scenario.key)]
+            edge = results[("edge-router", scenario.key)]
+            f_rate = statistics.median(x.rate for x in floor)
+            f_cpu = statistics.median(x.cpu_us for x in floor)
+            n_rate = statistics.median(x.rate for x in ngx)
+            n_cpu = statistics.median(x.cpu_us for x in ngx)
+            e_cpu = statistics.median(x.cpu_us for x in edge)
+            print(
+                f"{scenario.key:14}{f_rate:12.0f}{f_rate / n_rate:13.2f}"
+                f"{f_cpu:13.1f}{f_cpu / n_cpu:13.2f}{e_cpu / f_cpu:12.2f}"
+            )
     n = args.idle_tunnels
     note = "" if n == wanted else f" (not {wanted}: file descriptor limit)"
     e_mem, n_mem = memory["edge-router"], memory["nginx"]
+    floor_mem = f", floor {memory['floor'] / 1024:.1f} KiB" if args.floor else ""
     print(
         f"idle tunnels: {n}{note}; RSS per tunnel: edge-router "
         f"{e_mem / 1024:.1f} KiB, nginx {n_mem / 1024:.1f} KiB, ratio "
-        f"{e_mem / n_mem:.2f}"
+        f"{e_mem / n_mem:.2f}{floor_mem}"
     )
 
 

@@ -33,12 +33,15 @@ differential tests in ``tests/test_http_parser.py`` list the same cases:
 
 from __future__ import annotations
 
+from ._labels_py import host_label as _host_label
+
 __all__ = [
     "BODY_CHUNKED",
     "BODY_CLOSE",
     "BODY_LENGTH",
     "BODY_NONE",
     "ChunkedFramer",
+    "Codec",
     "ParseError",
     "RequestHead",
     "ResponseHead",
@@ -845,6 +848,27 @@ def render_response(head: ResponseHead, close: bool) -> bytes:
         parts.append(b"Connection: close\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# The per-request entry points as methods
+
+
+class Codec:
+    """``host_label`` (of the route table's twin) and this module's parse and
+    render functions, as methods.
+
+    The compiled twin's methods are C calls from the compiled proxy, which
+    holds a ``Codec`` for that; here they are the functions themselves.
+    """
+
+    __slots__ = ()
+
+    host_label = staticmethod(_host_label)
+    parse_request = staticmethod(parse_request)
+    parse_response = staticmethod(parse_response)
+    render_request = staticmethod(render_request)
+    render_response = staticmethod(render_response)
 
 
 # ---------------------------------------------------------------------------

@@ -67,13 +67,9 @@ POLICY_VIOLATION = _tunnel.POLICY_VIOLATION
 Tunnel = _tunnel.Tunnel
 accept_key = _tunnel.accept_key
 
-# What every request calls, bound once rather than looked up on the module
-# each time; compiled, the framing kinds are C ints.
-host_label = labels.host_label
-parse_request = http.parse_request
-parse_response = http.parse_response
-render_request = http.render_request
-render_response = http.render_response
+# What every request calls: compiled, a typed ``Codec`` whose methods are C
+# calls (``_speedups/router/_chttp.pyx``), and the framing kinds are C ints.
+codec = http.Codec()
 
 BODY_NONE = http.BODY_NONE
 BODY_LENGTH = http.BODY_LENGTH
@@ -171,6 +167,14 @@ class Proxy:
         # the control socket would skip every check.
         self.own_sockets = config.unix_listeners()
         self.pools: dict[tuple[str, Address], list[UpstreamConnection]] = {}
+        # Bumped when the sweeper drops a pool list: an upstream connection
+        # made before holds a list no one takes from any more.
+        self.pool_epoch = 0
+        # route id → what its requests were last sent to, and the pool of
+        # that: (sandbox name, target, upstream host, port, pool key, pool).
+        # A request whose route still says the same (the same objects from
+        # the table) neither builds the key nor hashes it.
+        self.route_pools: dict[int, tuple[Any, ...]] = {}
         self.local_hosts: dict[int, bytes] = {}
         self.clients: set[ClientConnection] = set()
         # route_id → connections relaying a request of that route right now.
@@ -214,7 +218,7 @@ class Proxy:
         for pool in self.pools.values():
             for up in pool:
                 up.close()
-        self.pools.clear()
+        self._drop_pools(list(self.pools))
 
     def protocol(self) -> asyncio.Protocol:
         # Compiled, the connections are extension types, which cannot
@@ -225,21 +229,29 @@ class Proxy:
         now = self.loop.time()
         idle = self.tunnel_idle
         for conn in list(self.clients):
-            if conn.deadline and now >= conn.deadline:
+            deadline = conn.deadline
+            if deadline < 0:
+                # Armed since the last sweep by ``_arm_from_sweep``: it
+                # starts now.
+                conn.deadline = now - deadline
+            elif deadline and now >= deadline:
                 conn.deadline_passed()
             elif idle and conn.tunnel is not None and now - conn.last_active > idle:
                 conn.end_tunnel(GOING_AWAY, GOING_AWAY, "tunnel idle")
         for rid in [rid for rid, conns in self.by_route.items() if not conns]:
             del self.by_route[rid]
-        for key, pool in list(self.pools.items()):
-            keep = [up for up in pool if now - up.idle_since < UPSTREAM_IDLE_SECONDS]
+        for pool in self.pools.values():
+            keep = []
             for up in pool:
-                if up not in keep:
+                if up.idle_since < 0:  # given back since the last sweep
+                    up.idle_since = now
+                if now - up.idle_since < UPSTREAM_IDLE_SECONDS:
+                    keep.append(up)
+                else:
                     up.close()
-            if keep:
-                self.pools[key] = keep
-            else:
-                del self.pools[key]
+            # In place: connections in use and cached routes hold this list.
+            pool[:] = keep
+        self._drop_pools([key for key, pool in self.pools.items() if not pool])
         if len(self.repeats):
             self._tell_repeats(now)
         self._sweeper = self.loop.call_later(1.0, self._sweep)
@@ -306,6 +318,7 @@ class Proxy:
         # its route's id.  One label can be two sandboxes' (``a-b`` token
         # ``c``, ``a`` token ``b-c``): a label handed to another sandbox is
         # a revocation, not a move.
+        self.route_pools.clear()
         before: dict[str, tuple[int, str]] = {}
         after: dict[str, tuple[int, str] | None] = {}
         final: dict[str, str] = {}  # each sandbox's state at the end
@@ -355,8 +368,21 @@ class Proxy:
 
     # -- upstream pool ---------------------------------------------------
 
-    def take(self, key: tuple[str, Address]) -> UpstreamConnection | None:
+    def pool_of(self, key: tuple[str, Address]) -> list[UpstreamConnection]:
         pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = []
+        return pool
+
+    def _drop_pools(self, keys: list[tuple[str, Address]]) -> None:
+        if not keys:
+            return
+        for key in keys:
+            del self.pools[key]
+        self.pool_epoch += 1
+        self.route_pools.clear()
+
+    def take(self, pool: list[UpstreamConnection]) -> UpstreamConnection | None:
         while pool:
             up = pool.pop()
             if up.transport is not None and not up.transport.is_closing():
@@ -364,13 +390,16 @@ class Proxy:
         return None
 
     def give_back(self, up: UpstreamConnection) -> None:
-        pool = self.pools.get(up.key)
-        if pool is None:
-            pool = self.pools[up.key] = []
+        pool = up.pool
+        if up.pool_epoch != self.pool_epoch:
+            pool = up.pool = self.pool_of(up.key)
+            up.pool_epoch = self.pool_epoch
         if len(pool) >= MAX_IDLE_PER_POOL or self.draining:
             up.close()
             return
-        up.idle_since = self.now()
+        # Idle from the next sweep on (see ``_arm_from_sweep``): about 30 s
+        # is as good as 30 s here, and a clock read per request is not free.
+        up.idle_since = -1.0
         pool.append(up)
 
     def forget(self, up: UpstreamConnection) -> None:
@@ -426,7 +455,9 @@ class ClientConnection:
         "deadline",
         "deadline_kind",
         "forwarded",
+        "forwarded_block",
         "forwarded_for",
+        "forwarded_host",
         "head",
         "keep_alive",
         "label",
@@ -457,6 +488,8 @@ class ClientConnection:
         self.peer = ""
         self.forwarded = b""
         self.forwarded_for = b""
+        self.forwarded_host = b""
+        self.forwarded_block = b""
         self.buf = b""
         self.state = HEAD
         self.deadline = 0.0
@@ -503,7 +536,7 @@ class ClientConnection:
         # the peer.  Built once per connection, not per request.
         self.forwarded = b"X-Forwarded-Proto: http\r\nX-Forwarded-Port: %d\r\n" % port
         self.forwarded_for = b"X-Forwarded-For: " + self.peer.encode() + b"\r\n"
-        self._arm(DL_IDLE, proxy.idle_timeout)
+        self._arm_from_sweep(DL_IDLE, proxy.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
         state = self.state
@@ -574,7 +607,7 @@ class ClientConnection:
     def _next_request(self) -> None:
         proxy = self.proxy
         try:
-            head = parse_request(self.buf, proxy.max_head)
+            head = codec.parse_request(self.buf, proxy.max_head)
         except http.ParseError as exc:
             self._fail(exc.code, exc.message)
             return
@@ -582,7 +615,9 @@ class ClientConnection:
             if self.deadline_kind != DL_HEAD:
                 self._arm(DL_HEAD, proxy.head_timeout)
             return
-        self.buf = self.buf[head.head_len :]
+        # Most reads hold one whole head and nothing more: no slice then.
+        end = head.head_len
+        self.buf = self.buf[end:] if end < len(self.buf) else b""
         self.head = head
         self.state = ACTIVE
         self.serial += 1
@@ -605,7 +640,7 @@ class ClientConnection:
 
         # 1. Route: Host → label → one lookup.
         try:
-            label = host_label(head.host or b"", proxy.domains)
+            label = codec.host_label(head.host or b"", proxy.domains)
         except ValueError:
             self._reply("BAD_REQUEST", "Invalid Host header")
             return
@@ -638,12 +673,23 @@ class ClientConnection:
         self.route_id = route_id
         self.sandbox = name
         target = proxy.targets[target_slot] if target_slot else None
-        if target is not None:
-            address = target
-        else:
-            upstream_host = proxy.sandbox_hosts[sandbox_slot]
-            assert upstream_host is not None
-            address = (upstream_host, port)
+        upstream_host = proxy.sandbox_hosts[sandbox_slot]
+        sent_to = proxy.route_pools.get(route_id)
+        if (
+            sent_to is None
+            or sent_to[0] is not name
+            or sent_to[1] is not target
+            or sent_to[2] is not upstream_host
+            or sent_to[3] != port
+        ):
+            if target is not None:
+                address = target
+            else:
+                assert upstream_host is not None
+                address = (upstream_host, port)
+            key = (name, address)
+            sent_to = (name, target, upstream_host, port, key, proxy.pool_of(key))
+            proxy.route_pools[route_id] = sent_to
         conns = proxy.by_route.get(route_id)
         if conns is None:
             proxy.by_route[route_id] = {self}
@@ -655,7 +701,7 @@ class ClientConnection:
             host = head.host or b""
         else:
             host = proxy.local_hosts.get(port) or proxy.local_host(port)
-        self._dispatch((name, address), host)
+        self._dispatch(sent_to[4], host, sent_to[5])
 
     def _route_internal(self, head: Any) -> None:
         """SPEC §6: any valid port of a known sandbox, no token."""
@@ -697,7 +743,12 @@ class ClientConnection:
             (sandbox.name, (sandbox.upstream_host, port)), b"localhost:%d" % port
         )
 
-    def _dispatch(self, key: tuple[str, Address], host: bytes) -> None:
+    def _dispatch(
+        self,
+        key: tuple[str, Address],
+        host: bytes,
+        pool: list[UpstreamConnection] | None = None,
+    ) -> None:
         head = self.head
         proxy = self.proxy
 
@@ -718,14 +769,14 @@ class ClientConnection:
             self.req_done = True
 
         # 2. The head as the upstream sees it.
-        out = render_request(head, host, self._forwarded_for(head))
-        up = proxy.take(key)
+        out = codec.render_request(head, host, self._forwarded_for(head))
+        up = proxy.take(pool if pool is not None else proxy.pool_of(key))
         if up is not None:
             up.start(self, out, head.method == b"HEAD")
         else:
             self.pending_body = [out]
             self._start_connect(key)
-        self._arm(DL_RESPONSE, proxy.response_timeout)
+        self._arm_from_sweep(DL_RESPONSE, proxy.response_timeout)
 
         # 3. Body bytes that came with the head.
         if not self.req_done and self.buf:
@@ -736,9 +787,20 @@ class ClientConnection:
         host = head.host or b""
         if self.proxy.trusted and self._trusted():
             return self._forwarded_trusted(head, self.peer.encode(), host)
-        return b"".join(
-            (self.forwarded, b"X-Forwarded-Host: ", host, b"\r\n", self.forwarded_for)
-        )
+        # The requests of a connection nearly always name one Host: the
+        # block is joined again only when it changes.
+        if host != self.forwarded_host or not self.forwarded_block:
+            self.forwarded_host = host
+            self.forwarded_block = b"".join(
+                (
+                    self.forwarded,
+                    b"X-Forwarded-Host: ",
+                    host,
+                    b"\r\n",
+                    self.forwarded_for,
+                )
+            )
+        return self.forwarded_block
 
     def _forwarded_trusted(self, head: Any, peer: bytes, host: bytes) -> bytes:
         # SPEC §4: a trusted proxy in front (a TLS terminator, a balancer)
@@ -842,7 +904,7 @@ class ClientConnection:
         if self.status == 0 and data:
             # The response-head timeout runs from the last request byte: an
             # upload slower than it is progress, not an upstream timeout.
-            self._arm(DL_RESPONSE, self.proxy.response_timeout)
+            self._arm_from_sweep(DL_RESPONSE, self.proxy.response_timeout)
         up = self.upstream
         if up is not None and up.transport is not None:
             if data:
@@ -886,7 +948,7 @@ class ClientConnection:
             self.req_remaining = 0
             self.req_done = True
             if self.status == 0 and self.state == ACTIVE:
-                self._arm(DL_RESPONSE, self.proxy.response_timeout)
+                self._arm_from_sweep(DL_RESPONSE, self.proxy.response_timeout)
             self._maybe_finish()
 
         self.proxy.stats.splices += 1
@@ -939,7 +1001,7 @@ class ClientConnection:
             return
         self.state = HEAD
         self.req_done = True
-        self._arm(DL_IDLE, self.proxy.idle_timeout)
+        self._arm_from_sweep(DL_IDLE, self.proxy.idle_timeout)
         if self.paused:
             self._resume_client()
         if self.buf:
@@ -1045,6 +1107,18 @@ class ClientConnection:
     def _arm(self, kind: int, seconds: float) -> None:
         self.deadline_kind = kind
         self.deadline = self.proxy.now() + seconds if seconds > 0 else 0.0
+
+    def _arm_from_sweep(self, kind: int, seconds: float) -> None:
+        """``_arm`` for the deadlines every request sets and nearly always
+        clears again: the idle and response timeouts.
+
+        Their time starts at the sweeper's next round instead of now, so
+        the request pays for no clock read: such a deadline passes 0-1 s
+        later than one armed by ``_arm``, and is noticed within another
+        second, as all of them are.
+        """
+        self.deadline_kind = kind
+        self.deadline = -seconds if seconds > 0 else 0.0
 
     def deadline_passed(self) -> None:
         kind = self.deadline_kind
@@ -1158,6 +1232,8 @@ class UpstreamConnection:
         "head_request",
         "idle_since",
         "key",
+        "pool",
+        "pool_epoch",
         "proxy",
         "relay",
         "remaining",
@@ -1184,6 +1260,9 @@ class UpstreamConnection:
         self.idle_since = 0.0
         self.got_bytes = False
         self.uses = 0
+        # The idle list it goes back to (``Proxy.give_back``).
+        self.pool = proxy.pool_of(key)
+        self.pool_epoch = proxy.pool_epoch
         self.sent_head = b""
         self.relay: SpliceRelay | None = None
 
@@ -1230,7 +1309,7 @@ class UpstreamConnection:
         assert client.transport is not None
         while True:
             try:
-                head = parse_response(self.buf, 65536, self.head_request)
+                head = codec.parse_response(self.buf, 65536, self.head_request)
             except http.ParseError as exc:
                 self.proxy.warn(
                     f"upstream {_where(self.key[1])} sent a bad response",
@@ -1243,7 +1322,8 @@ class UpstreamConnection:
                 return
             if head is None:
                 return
-            self.buf = self.buf[head.head_len :]
+            end = head.head_len
+            self.buf = self.buf[end:] if end < len(self.buf) else b""
             status = head.status
             if 100 <= status < 200 and status != 101:
                 # Interim answers (100 Continue, 103 Early Hints) pass
@@ -1252,7 +1332,7 @@ class UpstreamConnection:
                 # 9110 §15.2).
                 request = client.head
                 if request is None or request.version != 10:
-                    client.transport.write(render_response(head, False))
+                    client.transport.write(codec.render_response(head, False))
                 continue
             break
 
@@ -1276,7 +1356,7 @@ class UpstreamConnection:
                 close = True
         if close:
             client.keep_alive = False
-        out = render_response(head, close)
+        out = codec.render_response(head, close)
         if self.dechunk:
             out = _drop_transfer_encoding(out)
         elif not close and client.head is not None and client.head.version == 10:
@@ -1401,7 +1481,7 @@ class UpstreamConnection:
             if head.get(b"sec-websocket-accept") != accept_key(key):
                 self._bad_switch(client, "101 with a bad accept key")
                 return
-        client.transport.write(render_response(head, False))
+        client.transport.write(codec.render_response(head, False))
         client.state = TUNNEL
         self.state = TUNNEL
         self.reusable = False

@@ -736,6 +736,96 @@ def test_twins_agree(
         assert _summary(compiled, *call) == _summary(pure, *call)
 
 
+class _ThroughCodec:
+    """A twin whose per-request functions are its ``Codec``'s methods (what
+    the proxy calls), for ``_summary``."""
+
+    def __init__(self, module: ModuleType) -> None:
+        codec = module.Codec()
+        self.ParseError = module.ParseError
+        self.RequestHead = module.RequestHead
+        self.parse_request = codec.parse_request
+        self.parse_response = codec.parse_response
+        self.render_request = codec.render_request
+        self.render_response = codec.render_response
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    requests=_mutated(request_messages()),
+    responses=_mutated(response_messages()),
+    max_head=st.integers(1, 400),
+    as_bytearray=st.booleans(),
+)
+def test_codec_methods_are_the_module_functions(
+    http: ModuleType,
+    requests: bytes,
+    responses: bytes,
+    max_head: int,
+    as_bytearray: bool,
+) -> None:
+    """The proxy parses and renders through ``Codec`` (C calls, compiled):
+    every answer is the module function's, to the error message, for bytes
+    and for other buffers."""
+    codec = _ThroughCodec(http)
+    kind = bytearray if as_bytearray else bytes
+    calls = [("parse_request", kind(requests), limit) for limit in (MAX_HEAD, max_head)]
+    calls += [
+        ("parse_response", kind(responses), limit, head_request)
+        for limit in (MAX_HEAD, max_head)
+        for head_request in (False, True)
+    ]
+    for call in calls:
+        assert _summary(codec, *call) == _summary(http, *call)
+
+
+def test_codec_refuses_what_the_functions_refuse(http: ModuleType) -> None:
+    codec = http.Codec()
+    request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    for limit in (0, -1):
+        with pytest.raises(ValueError, match="max_head must be positive"):
+            codec.parse_request(request, limit)
+        with pytest.raises(ValueError, match="max_head must be positive"):
+            codec.parse_response(response, limit, False)
+    # No head: an error, of the kind the module function raises.
+    for name, args in [
+        ("render_request", (None, b"a", b"")),
+        ("render_response", (None, False)),
+    ]:
+        with pytest.raises(Exception) as by_function:
+            getattr(http, name)(*args)
+        with pytest.raises(by_function.type):
+            getattr(codec, name)(*args)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"8080-sb-tok.localhost",
+        b"8080-SB-Tok.Example.COM.:443",
+        b"localhost:8787",
+        b"a.b.example.com",
+        b"[::1]:80",
+        b"bad host",
+        b"",
+        b"x" * 70 + b".localhost",
+    ],
+)
+def test_codec_host_label_is_host_label(http: ModuleType, host: bytes) -> None:
+    domains = (b"localhost", b"example.com")
+    twin = "router._clabels" if http.__name__ == COMPILED else "router._labels_py"
+    labels = importlib.import_module(twin)
+
+    def outcome(function: Callable[..., Any]) -> Any:
+        try:
+            return function(host, domains)
+        except ValueError as exc:
+            return ("error", str(exc))
+
+    assert outcome(http.Codec().host_label) == outcome(labels.host_label)
+
+
 def _walk(module: ModuleType, data: bytes, max_line: int) -> list[Any]:
     # The framer's answers to the body, then to one more (valid) ending.
     framer = module.ChunkedFramer(max_line)

@@ -837,6 +837,96 @@ def test_a_client_that_alternates_sandboxes_never_shares_their_connections(
     assert up.connections == 2
 
 
+def test_a_route_changed_in_place_sends_its_next_request_to_the_new_upstream(
+    make_router: MakeRouter,
+) -> None:
+    # The data path keeps, per route, where its last request went, so that
+    # a request builds and hashes no pool key.  A route re-exposed with the
+    # same token and another target (same label, same URL) must not be
+    # served from that: the next request on the same kept-alive connection
+    # goes to the new target, and back again.
+    router = make_router()
+    port = free_port()
+    with upstream() as first, upstream() as second, Wire(router.port) as wire:
+        for up in (first, second, first, first, second):
+            exposed = router.expose(
+                "sb", port, token="stable-token", target=f"127.0.0.1:{up.port}"
+            )
+            wire.send(request_bytes(router.host(exposed), f"/to-{up.port}"))
+            assert wire.response().status == 200
+        assert [seen["path"] for seen in first.seen] == [f"/to-{first.port}"] * 3
+        assert [seen["path"] for seen in second.seen] == [f"/to-{second.port}"] * 2
+
+
+def test_requests_go_on_after_the_sweeper_drops_a_pool(
+    make_router: MakeRouter,
+) -> None:
+    # Idle upstream connections are closed after about 30 s, and an empty
+    # pool is then dropped: the route that remembered that pool must get
+    # the new one, and its connections be pooled there.
+    router = make_router()
+    with ScriptedUpstream(answer_with(OK_RESPONSE)) as up, Wire(router.port) as wire:
+        host = router.host(router.expose("sb", up.port))
+        proxy = router.service.proxy
+        for round_ in range(3):
+            wire.send(request_bytes(host, f"/{round_}"))
+            assert wire.response().body == b"ok"
+            router.call(_sweep_as_if_idle_for_an_hour(proxy))
+            assert not proxy.pools
+        assert up.connections == 3
+        for path in ("/again", "/and-again", "/and-once-more"):
+            wire.send(request_bytes(host, path))
+            assert wire.response().body == b"ok"
+        assert up.connections == 4
+        assert router.call(_pool_sizes(proxy)) == [1]
+
+
+def test_a_connection_busy_when_its_pool_is_dropped_is_pooled_again(
+    make_router: MakeRouter,
+) -> None:
+    # A sweep while a request is in flight finds that route's pool empty
+    # (its one connection is in use) and drops it.  When the response ends,
+    # the connection must go to the pool the next request looks in, not to
+    # the dropped one: one upstream connection for every request.
+    router = make_router()
+    release = threading.Event()
+
+    def slow_first(peer: Peer) -> None:
+        while peer.read_request() is not None:
+            release.wait(5)
+            peer.send(OK_RESPONSE)
+
+    with ScriptedUpstream(slow_first) as up, Wire(router.port) as wire:
+        host = router.host(router.expose("sb", up.port))
+        proxy = router.service.proxy
+        wire.send(request_bytes(host, "/slow"))
+        deadline = time.monotonic() + 5
+        while up.connections == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        router.call(_sweep_as_if_idle_for_an_hour(proxy))
+        assert not proxy.pools
+        release.set()
+        assert wire.response().body == b"ok"
+        for i in range(3):
+            wire.send(request_bytes(host, f"/{i}"))
+            assert wire.response().body == b"ok"
+        assert up.connections == 1
+
+
+async def _pool_sizes(proxy: Any) -> list[int]:
+    # Read on the loop's thread, once the callback that answered is over.
+    return [len(pool) for pool in proxy.pools.values()]
+
+
+async def _sweep_as_if_idle_for_an_hour(proxy: Any) -> None:
+    # One sweep now, in place of the next scheduled one.
+    for pool in proxy.pools.values():
+        for up in pool:
+            up.idle_since = proxy.loop.time() - 3600
+    proxy._sweeper.cancel()
+    proxy._sweep()
+
+
 def test_idle_kept_alive_clients_tie_up_no_upstream_connection(
     make_router: MakeRouter,
 ) -> None:

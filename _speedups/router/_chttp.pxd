@@ -3,6 +3,8 @@
 # The pure-Python twin, router/_http_py.py, keeps the same fields under the
 # same names (with a leading underscore behind read-only properties).
 
+cimport cython
+
 
 cdef class _Head:
     # What request and response heads share.
@@ -56,6 +58,17 @@ cdef class _Fields:
     cdef list connection_listed        # other lower-cased Connection options
     cdef object upgrade_value          # first Upgrade value, or None
     cdef bint expect_continue
+
+
+@cython.final
+cdef class Codec:
+    cpdef object host_label(self, bytes host, tuple domains)
+    cpdef object parse_request(self, object buf, Py_ssize_t max_head)
+    cpdef object parse_response(
+        self, object buf, Py_ssize_t max_head, bint head_request
+    )
+    cpdef bytes render_request(self, RequestHead head, bytes host, bytes extra)
+    cpdef bytes render_response(self, ResponseHead head, bint close)
 
 
 cdef class ChunkedFramer:

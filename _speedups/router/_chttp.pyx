@@ -22,6 +22,10 @@ from cpython.bytes cimport (
 from libc.stdint cimport int32_t
 from libc.string cimport memchr, memcmp, memcpy
 
+from router._clabels cimport _host_label
+
+cimport cython
+
 BODY_NONE = 0
 BODY_LENGTH = 1
 BODY_CHUNKED = 2
@@ -178,6 +182,10 @@ cdef object _get(bytes raw, bytes spans, Py_ssize_t count, bytes lname):
     return None
 
 
+# Heads and _Fields hold only bytes (and a list of bytes): they can be in no
+# reference cycle, so the cycle collector is spared tracking the four of them
+# a request makes.
+@cython.no_gc
 cdef class _Head:
     """What request and response heads share; attributes are read-only."""
 
@@ -191,6 +199,7 @@ cdef class _Head:
         return _get(self._raw, self._spans, self._count, lname)
 
 
+@cython.no_gc
 cdef class RequestHead(_Head):
     """A parsed request head; attributes are read-only."""
 
@@ -205,6 +214,7 @@ cdef class RequestHead(_Head):
         )
 
 
+@cython.no_gc
 cdef class ResponseHead(_Head):
     """A parsed response head; attributes are read-only."""
 
@@ -219,12 +229,15 @@ cdef class ResponseHead(_Head):
         )
 
 
+@cython.no_gc
 cdef class _Fields:
 
     def __cinit__(self):
         self.host = None
         self.content_length_value = b""
-        self.connection_listed = []
+        # None until a Connection header lists another option: most heads
+        # have none, and a list per parse is not free.
+        self.connection_listed = None
         self.upgrade_value = None
 
 
@@ -579,6 +592,8 @@ cdef int _note_connection(
         elif _same_lower(item.start, item.size, b"upgrade", 7):
             fields.connection_upgrade = True
         elif item.size:
+            if fields.connection_listed is None:
+                fields.connection_listed = []
             fields.connection_listed.append(_lower(item.start, item.size))
     return 0
 
@@ -607,6 +622,7 @@ cdef bint _listed(_Fields fields, Py_ssize_t index) except -1:
 # ---------------------------------------------------------------------------
 # Requests
 
+cdef bytes _OK = b"OK"
 cdef bytes _GET = b"GET"
 cdef bytes _POST = b"POST"
 
@@ -916,11 +932,17 @@ def render_request(RequestHead head not None, bytes host not None,
     """The head to send upstream: HTTP/1.1, the target in origin-form,
     end-to-end headers as received, then ``Host``, the pre-formatted ``extra``
     lines and the upgrade pair."""
+    return _render_request(head, host, extra)
+
+
+cdef bytes _render_request(RequestHead head, bytes host, bytes extra):
     cdef Py_ssize_t size
     cdef bytes out
     cdef char* w
     cdef bint upgrade = head.upgrade is not None
 
+    if head is None or host is None or extra is None:
+        raise TypeError("render_request takes a head and two bytes objects")
     if head._spans is None:
         raise TypeError("RequestHead objects are made by parse_request")
 
@@ -1068,7 +1090,10 @@ cdef object _parse_response(
 
     head = ResponseHead.__new__(ResponseHead)
     head.status = status
-    head.reason = buf[13:pos] if pos > 13 else b""
+    if pos == 15 and buf[13] == b"O" and buf[14] == b"K":
+        head.reason = _OK  # nearly every response: one bytes object for all
+    else:
+        head.reason = buf[13:pos] if pos > 13 else b""
     head.version = version
     head._raw = fields.raw
     head._spans = fields.spans
@@ -1116,11 +1141,17 @@ cdef int _response_actions(_Fields fields, int status) except -1:
 def render_response(ResponseHead head not None, bint close):
     """The head to send to the client, HTTP/1.1, hop-by-hop headers removed;
     ``close`` adds ``Connection: close``."""
+    return _render_response(head, close)
+
+
+cdef bytes _render_response(ResponseHead head, bint close):
     cdef Py_ssize_t size
     cdef bytes out
     cdef char* w
     cdef char status[3]
 
+    if head is None:
+        raise TypeError("render_response takes a head")
     if head._spans is None:
         raise TypeError("ResponseHead objects are made by parse_response")
 
@@ -1157,6 +1188,54 @@ def render_response(ResponseHead head not None, bint close):
     w = _put_c(w, b"\r\n", 2)
     _check_written(out, w)
     return out
+
+
+# ---------------------------------------------------------------------------
+# The per-request entry points as C methods
+
+@cython.final
+cdef class Codec:
+    """``host_label`` (of ``router._clabels``) and this module's parse and
+    render functions, as methods that behave exactly as those functions.
+
+    ``router._cproxy`` holds a ``Codec`` in a typed variable, so that each of
+    the five calls a request makes is a C call: no argument tuple, no boxed
+    ``max_head``, and no buffer protocol for a ``bytes`` buffer.
+    """
+
+    cpdef object host_label(self, bytes host, tuple domains):
+        if host is None or domains is None:
+            raise TypeError("host_label takes bytes and a tuple")
+        return _host_label(host, domains)
+
+    cpdef object parse_request(self, object buf, Py_ssize_t max_head):
+        if type(buf) is not bytes or max_head <= 0:
+            return parse_request(buf, max_head)
+        return _parse_request(
+            buf, PyBytes_AS_STRING(buf), PyBytes_GET_SIZE(buf), max_head
+        )
+
+    cpdef object parse_response(
+        self, object buf, Py_ssize_t max_head, bint head_request
+    ):
+        if type(buf) is not bytes or max_head <= 0:
+            return parse_response(buf, max_head, head_request)
+        try:
+            return _parse_response(
+                buf,
+                PyBytes_AS_STRING(buf),
+                PyBytes_GET_SIZE(buf),
+                max_head,
+                head_request,
+            )
+        except ParseError as exc:
+            raise ParseError(502, "UPSTREAM_BAD_RESPONSE", exc.message) from None
+
+    cpdef bytes render_request(self, RequestHead head, bytes host, bytes extra):
+        return _render_request(head, host, extra)
+
+    cpdef bytes render_response(self, ResponseHead head, bint close):
+        return _render_response(head, close)
 
 
 # ---------------------------------------------------------------------------

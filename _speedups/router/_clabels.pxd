@@ -60,3 +60,7 @@ cdef class LabelIndex:
                         object target_slot_obj, object flags_obj) except -2
     cpdef object lookup(self, bytes label)
     cpdef bint lookup_into(self, bytes label, Hit hit) except -1
+
+
+# host_label without its argument checks (the caller's are typed).
+cdef object _host_label(bytes host, tuple domains)

@@ -10,7 +10,7 @@
 
 cimport cython
 
-from router._chttp cimport RequestHead, ResponseHead
+from router._chttp cimport Codec, RequestHead, ResponseHead
 from router._clabels cimport Hit, LabelIndex
 from router._ctunnel cimport Tunnel as CTunnel
 
@@ -18,8 +18,7 @@ from router._ctunnel cimport Tunnel as CTunnel
 cdef int HEAD, ACTIVE, TUNNEL, CLOSED
 cdef int DL_NONE, DL_IDLE, DL_HEAD, DL_RESPONSE, DL_GRACE, DL_TUNNEL_IDLE
 cdef int BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE
-cdef object host_label, parse_request, parse_response
-cdef object render_request, render_response
+cdef Codec codec
 
 cdef class ClientConnection
 cdef class UpstreamConnection
@@ -44,13 +43,17 @@ cdef class Proxy:
     cdef public long long max_body
     cdef public double tunnel_idle, head_timeout, idle_timeout
     cdef public double response_timeout, grace
-    cdef public dict pools, local_hosts, by_route
+    cdef public dict pools, local_hosts, by_route, route_pools
+    cdef public Py_ssize_t pool_epoch
     cdef public set clients
     cdef public Stats stats
     cdef public object repeats
 
-    cpdef UpstreamConnection take(self, object key)
+    cpdef list pool_of(self, object key)
 
+    cpdef UpstreamConnection take(self, list pool)
+
+    @cython.locals(pool=list)
     cpdef give_back(self, UpstreamConnection up)
 
 
@@ -60,6 +63,7 @@ cdef class ClientConnection:
     cdef public UpstreamConnection upstream
     cdef public RequestHead head
     cdef public object transport, peer, forwarded, forwarded_for, sandbox
+    cdef public bytes forwarded_host, forwarded_block
     cdef public bytes buf
     cdef public object req_framer, label
     cdef public CTunnel tunnel
@@ -74,13 +78,14 @@ cdef class ClientConnection:
 
     @cython.locals(proxy=Proxy, head=RequestHead, hit=Hit,
                    route_id=cython.longlong, sandbox_slot=Py_ssize_t, port=int,
-                   target_slot=Py_ssize_t,
-                   flags=int)
+                   target_slot=Py_ssize_t, end=Py_ssize_t,
+                   flags=int, conns=set, sent_to=tuple)
     cpdef _next_request(self)
 
     @cython.locals(head=RequestHead, proxy=Proxy, up=UpstreamConnection)
-    cpdef _dispatch(self, object key, object host)
+    cpdef _dispatch(self, object key, object host, list pool=*)
 
+    @cython.locals(host=bytes)
     cpdef bytes _forwarded_for(self, RequestHead head)
 
     @cython.locals(n=cython.longlong, framing=int, up=UpstreamConnection)
@@ -95,10 +100,12 @@ cdef class ClientConnection:
 
     cpdef _request_finished(self)
 
-    @cython.locals(rid=cython.longlong)
+    @cython.locals(rid=cython.longlong, conns=set)
     cpdef _unregister(self)
 
     cpdef _arm(self, int kind, double seconds)
+
+    cpdef _arm_from_sweep(self, int kind, double seconds)
 
     cpdef _pause_client(self)
 
@@ -112,6 +119,8 @@ cdef class UpstreamConnection:
     cdef public Proxy proxy
     cdef public ClientConnection client
     cdef public object key, transport, framer, sent_head, relay
+    cdef public list pool
+    cdef public Py_ssize_t pool_epoch
     cdef public bytes buf
     cdef public int state, framing
     cdef public long long remaining, uses
@@ -124,7 +133,7 @@ cdef class UpstreamConnection:
     cpdef data_received(self, object data)
 
     @cython.locals(head=ResponseHead, request=RequestHead, status=int,
-                   close=bint, n=cython.longlong)
+                   close=bint, n=cython.longlong, end=Py_ssize_t)
     cpdef _head(self, ClientConnection client)
 
     @cython.locals(n=cython.longlong, framing=int)
