@@ -838,15 +838,18 @@ def _response_actions(fields: _Fields, status: int) -> bytes:
     return bytes(actions)
 
 
-def render_response(head: ResponseHead, close: bool) -> bytes:
+def render_response(head: ResponseHead, close: bool, body: bytes = b"") -> bytes:
     """The head to send to the client, HTTP/1.1, hop-by-hop headers removed;
-    ``close`` adds ``Connection: close``."""
+    ``close`` adds ``Connection: close``.  ``body`` bytes follow the head in
+    the same bytes object: a small answer leaves in one write, with no copy
+    made to join them."""
     status = str(head._status).encode()
     parts = [b"HTTP/1.1 ", status, b" ", head._reason, b"\r\n"]
     _render_fields(parts, head._headers, head._actions, head._content_length_value)
     if close:
         parts.append(b"Connection: close\r\n")
     parts.append(b"\r\n")
+    parts.append(body)
     return b"".join(parts)
 
 

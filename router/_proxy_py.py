@@ -1356,19 +1356,22 @@ class UpstreamConnection:
                 close = True
         if close:
             client.keep_alive = False
-        out = codec.render_response(head, close)
+        # ``out`` is left empty when the head goes as rendered: it is then
+        # rendered below, with the body bytes that came with it when any.
+        out = b""
         if self.dechunk:
-            out = _drop_transfer_encoding(out)
+            out = _drop_transfer_encoding(codec.render_response(head, close))
         elif not close and client.head is not None and client.head.version == 10:
             # An HTTP/1.0 client keeps the connection only when told so
             # (RFC 9112 §9.3); ``ab -k`` and other 1.0 load tools rely on it.
+            out = codec.render_response(head, close)
             out = out[:-2] + b"Connection: keep-alive\r\n\r\n"
         client.sent = 0
 
         if head.framing == BODY_NONE or (
             head.framing == BODY_LENGTH and head.content_length == 0
         ):
-            client.transport.write(out)
+            client.transport.write(out or codec.render_response(head, close))
             self._done(client)
             return
         self.remaining = head.content_length
@@ -1382,14 +1385,17 @@ class UpstreamConnection:
             if len(rest) > n:
                 rest = rest[:n]
                 self.reusable = False
-            client.transport.write(out + rest)
+            if out:
+                client.transport.write(out + rest)
+            else:
+                client.transport.write(codec.render_response(head, close, rest))
             self.remaining = n - len(rest)
             if self.remaining == 0:
                 self._done(client)
             else:
                 self._maybe_splice(client)
             return
-        client.transport.write(out)
+        client.transport.write(out or codec.render_response(head, close))
         if rest:
             self._body(client, rest)
         elif head.framing == BODY_LENGTH:

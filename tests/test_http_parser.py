@@ -708,6 +708,7 @@ def _summary(module: ModuleType, function: str, *args: Any) -> Any:
         head.reason,
         module.render_response(head, False),
         module.render_response(head, True),
+        module.render_response(head, False, b"body"),
         head.get(b"content-length"),
     )
 

@@ -68,7 +68,7 @@ cdef class Codec:
         self, object buf, Py_ssize_t max_head, bint head_request
     )
     cpdef bytes render_request(self, RequestHead head, bytes host, bytes extra)
-    cpdef bytes render_response(self, ResponseHead head, bint close)
+    cpdef bytes render_response(self, ResponseHead head, bint close, bytes body=*)
 
 
 cdef class ChunkedFramer:
