@@ -53,6 +53,7 @@ HEAD = 0  # waiting for (the rest of) a request head
 ACTIVE = 1  # a request is being relayed
 TUNNEL = 2  # upgraded: bytes flow both ways untouched
 CLOSED = 3
+LINGER = 4  # last answer sent and writing ended: what comes in is dropped
 
 # Deadline kinds, checked by the sweeper.
 DL_NONE = 0
@@ -61,6 +62,7 @@ DL_HEAD = 2
 DL_RESPONSE = 3
 DL_GRACE = 4
 DL_TUNNEL_IDLE = 5
+DL_LINGER = 6
 
 GOING_AWAY = _tunnel.GOING_AWAY
 POLICY_VIOLATION = _tunnel.POLICY_VIOLATION
@@ -79,6 +81,9 @@ BODY_CLOSE = http.BODY_CLOSE
 HIGH_WATER = 256 * 1024
 MAX_IDLE_PER_POOL = 64
 UPSTREAM_IDLE_SECONDS = 30.0
+# How long a closing connection keeps reading what its client still sends
+# (``ClientConnection._close``); nginx's lingering_timeout is 5 s too.
+LINGER_SECONDS = 5.0
 # UPSTREAM_UNAVAILABLE's message when the port did not refuse: nothing
 # answered at all (the default message says it refused).
 UNREACHABLE = "The sandbox port could not be reached"
@@ -211,7 +216,7 @@ class Proxy:
 
     def stop(self) -> None:
         for conn in list(self.clients):
-            conn._close()
+            conn._close(linger=False)
         if self._sweeper is not None:
             self._sweeper.cancel()
         self._tell_repeats(math.inf)
@@ -351,6 +356,8 @@ class Proxy:
         sandboxes = {name for name, state in final.items() if state != "running"}
         if route_ids or sandboxes:
             self.revoke_routes(route_ids, sandboxes, stopped)
+        if sandboxes:
+            self._close_pools_of(sandboxes)
 
     def _move_route(self, old: int, new: int) -> None:
         conns = self.by_route.pop(old, None)
@@ -373,6 +380,16 @@ class Proxy:
         if pool is None:
             pool = self.pools[key] = []
         return pool
+
+    def _close_pools_of(self, sandboxes: set[str]) -> None:
+        """Idle connections to sandboxes that stopped or went are closed now,
+        not when their 30 s are up: nothing will be sent on them, and they
+        hold a socket (and a server's slot) each on both sides."""
+        keys = [key for key in self.pools if key[0] in sandboxes]
+        for key in keys:
+            for up in self.pools[key]:
+                up.close()
+        self._drop_pools(keys)
 
     def _drop_pools(self, keys: list[tuple[str, Address]]) -> None:
         if not keys:
@@ -451,6 +468,7 @@ class ClientConnection:
     """One client socket: requests in, responses out, in order."""
 
     __slots__ = (
+        "body_unread",
         "buf",
         "deadline",
         "deadline_kind",
@@ -511,6 +529,9 @@ class ClientConnection:
         self.label = b""
         self.tunnel: Tunnel | None = None
         self.last_active = 0.0
+        # A body this connection will not read may still be on its way: its
+        # end waits for the client (``_close``).
+        self.body_unread = False
         # Requests begun on this connection, to tell a late connect's
         # result from the current request's (``_connect``).
         self.serial = 0
@@ -549,6 +570,8 @@ class ClientConnection:
             return
         if state == ACTIVE and not self.req_done:
             self._request_body(data)
+            return
+        if state == LINGER:
             return
         if self.buf:
             self.buf += data
@@ -1049,6 +1072,7 @@ class ClientConnection:
             # We will not read the body it announced: the stream cannot be
             # resynchronised, so this is the last answer on the connection.
             close = True
+            self.body_unread = True
         if head is not None and not head.keep_alive:
             close = True
         if self.transport is not None:
@@ -1141,7 +1165,7 @@ class ClientConnection:
             self.proxy.stats.errors += 1
             self.head = None
             self._reply("REQUEST_TIMEOUT", close=True)
-        elif kind == DL_GRACE:
+        elif kind in (DL_GRACE, DL_LINGER):
             # Cut, not closed: a close waits for the write buffer to drain,
             # and a peer that stopped reading would hold the socket (and
             # the sandbox's, see ``connection_lost``) for ever.
@@ -1209,7 +1233,35 @@ class ClientConnection:
             self.paused = False
             self.transport.resume_reading()
 
-    def _close(self, abort: bool = False) -> None:
+    def _close(self, abort: bool = False, linger: bool = True) -> None:
+        transport = self.transport
+        if (
+            linger
+            and not abort
+            and (self.body_unread or self.buf or not self.req_done)
+            and self.state != LINGER
+            and self.state != CLOSED
+            and transport is not None
+            and not transport.is_closing()
+        ):
+            # The client is still sending: a body that will not be read (a
+            # 413, an early answer, a refused request) or requests behind the
+            # last answer.  Closed now, the socket would answer those bytes
+            # with a reset, and a reset throws away what is still queued for
+            # the client, this answer included: a client that writes its
+            # whole body before reading would see "connection reset", never
+            # the 413.  So, as nginx does, writing ends (a FIN after the
+            # answer) and reading goes on, dropping everything, until the
+            # client closes or LINGER_SECONDS pass.
+            self._unregister()
+            self.state = LINGER
+            self.buf = b""
+            self.req_done = True
+            self._arm(DL_LINGER, LINGER_SECONDS)
+            transport.write_eof()
+            if self.paused:
+                self._resume_client()
+            return
         self.state = CLOSED
         self.deadline = 0.0
         if self.transport is not None:

@@ -11,6 +11,7 @@ import asyncio
 import http.client
 import json
 import logging
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -397,6 +398,81 @@ def test_body_over_max_body_is_413(make_router: MakeRouter) -> None:
                 wire.send(b"1f4\r\n" + b"b" * 500 + b"\r\n0\r\n\r\n")
                 response = wire.response()
                 assert response.status == 200 and response.body == b"1000"
+
+
+def test_a_refused_body_sent_whole_before_reading_still_gets_its_413(
+    make_router: MakeRouter,
+) -> None:
+    # Python's http.client (like many scripts) writes the whole body before
+    # it reads, so it is still sending when the 413 goes out.  The router
+    # reads and drops the rest instead of closing on it: a close with bytes
+    # unread answers them with a reset, which throws the 413 away, and the
+    # client saw "connection reset by peer" instead of the answer.
+    router = make_router(max_body=1000)
+    with upstream() as up:
+        host = router.host(router.expose("sb", up.port))
+        for _ in range(3):
+            conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=10)
+            try:
+                conn.request("POST", "/", body=b"x" * 5_000_000, headers={"Host": host})
+                response = conn.getresponse()
+                assert response.status == 413
+                assert json.loads(response.read())["code"] == "BODY_TOO_LARGE"
+            finally:
+                conn.close()
+        assert not up.seen
+
+
+def test_a_chunked_body_refused_partway_still_gets_its_413(
+    make_router: MakeRouter,
+) -> None:
+    # A chunked upload passes the limit partway: the 413 goes out while the
+    # client is still writing chunks, which it does to the end before it
+    # reads.  It must then read the 413 and the end of the stream.
+    router = make_router(max_body=1000)
+    chunk = b"%x\r\n%s\r\n" % (65536, b"c" * 65536)
+    with upstream() as up:
+        host = router.host(router.expose("sb", up.port))
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", router.port), 10) as sock:
+                head = request_bytes(
+                    host, method="POST", headers=[("Transfer-Encoding", "chunked")]
+                )
+                sock.sendall(head + chunk * 80 + b"0\r\n\r\n")
+                received = []
+                while data := sock.recv(65536):
+                    received.append(data)
+            answer = b"".join(received)
+            assert answer.startswith(b"HTTP/1.1 413 "), answer[:80]
+            assert b'"code":"BODY_TOO_LARGE"' in answer
+
+
+def test_a_closing_connection_stops_reading_after_its_linger_time(
+    make_router: MakeRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The router reads what a client still sends after the last answer for
+    # LINGER_SECONDS at most: a client that announces a body, gets its 413,
+    # and then neither sends nor closes is not kept for ever.
+    from router import speedups
+
+    monkeypatch.setattr(speedups.proxy, "LINGER_SECONDS", 0.5)
+    router = make_router(max_body=1000)
+    with upstream() as up, Wire(router.port) as wire:
+        host = router.host(router.expose("sb", up.port))
+        head = request_bytes(host, method="POST", headers=[("Content-Length", "99999")])
+        wire.send(head)
+        assert_answer(wire.response(), 413, "BODY_TOO_LARGE")
+        assert wire.closed_within(3)  # the router's end of writing
+        proxy = router.service.proxy
+        assert router.call(_client_count(proxy)) == 1  # still reading
+        deadline = time.monotonic() + 5
+        while router.call(_client_count(proxy)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert router.call(_client_count(proxy)) == 0
+
+
+async def _client_count(proxy: Any) -> int:
+    return len(proxy.clients)
 
 
 def chunked_sink(peer: Peer) -> None:
@@ -925,6 +1001,48 @@ async def _sweep_as_if_idle_for_an_hour(proxy: Any) -> None:
             up.idle_since = proxy.loop.time() - 3600
     proxy._sweeper.cancel()
     proxy._sweep()
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        {"op": "set_sandbox", "sandbox": "sb", "state": "stopped"},
+        {"op": "destroy_sandbox", "sandbox": "sb"},
+    ],
+    ids=["stopped", "destroyed"],
+)
+def test_idle_upstream_connections_close_when_their_sandbox_stops_or_goes(
+    make_router: MakeRouter, op: dict[str, Any]
+) -> None:
+    # Pooled connections of a sandbox that stopped or was destroyed carry
+    # nothing more: the upstream sees them closed at once, not after the
+    # 30 s an idle connection otherwise stays.  Another sandbox's stay.
+    router = make_router()
+    ended: dict[str, float] = {}
+
+    def note_end(peer: Peer) -> None:
+        path = b""
+        while (request := peer.read_request()) is not None:
+            path = request[0].split(b" ")[1]
+            peer.send(OK_RESPONSE)
+        ended[path.decode()] = time.monotonic()
+
+    with ScriptedUpstream(note_end) as up:
+        for name in ("sb", "other"):
+            assert (
+                get(
+                    router, router.host(router.expose(name, up.port)), f"/{name}"
+                ).status
+                == 200
+            )
+        began = time.monotonic()
+        router.commit(op)
+        while "/sb" not in ended and time.monotonic() < began + 5:
+            time.sleep(0.01)
+        assert ended["/sb"] - began < 1.0
+        time.sleep(0.3)
+        assert "/other" not in ended
+        assert up.connections == 2
 
 
 def test_idle_kept_alive_clients_tie_up_no_upstream_connection(

@@ -14,12 +14,11 @@ cdef class _Head:
     cdef readonly long long content_length
     cdef readonly bint keep_alive
 
-    # How the renderers treat each header: one byte per header, _KEEP,
-    # _DROP or _RESTATE.  The bytes objects can be longer than needed; only
-    # the first _count entries are meaningful.
+    # Where each header is in _raw, and how the renderers treat it (_KEEP,
+    # _DROP or _RESTATE): see _kinds_of in _chttp.pyx.  Only the first
+    # _count entries are meaningful.
     cdef bytes _raw                    # the bytes the head was read from
-    cdef bytes _spans                  # 4 int32 offsets into _raw a header
-    cdef bytes _actions
+    cdef bytes _spans                  # 4 int32 offsets a header, then actions
     cdef Py_ssize_t _count
     cdef bytes _content_length_value   # written for the _RESTATE header
 
@@ -43,8 +42,7 @@ cdef class ResponseHead(_Head):
 cdef class _Fields:
     # What a header section says about framing and forwarding.
     cdef bytes raw                     # the bytes the spans point into
-    cdef bytes spans                   # 4 int32 a header: name, value bounds
-    cdef bytes kinds                   # one kind per header, written in place
+    cdef bytes spans                   # 4 int32 a header, then a kind each
     cdef Py_ssize_t count
     cdef object host                   # first Host value, or None
     cdef Py_ssize_t host_count

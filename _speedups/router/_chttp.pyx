@@ -150,9 +150,26 @@ cdef bytes _lower(const char* raw, Py_ssize_t size):
 # offsets into the bytes the head was read from (name start and end, value
 # start and end), and ``headers`` builds the list only when asked.  On the
 # data path nothing asks; the renderers copy straight from those bytes.
+#
+# One bytes object per head holds them, 16 bytes a line of the head, and
+# after them one byte a line: the header's kind while parsing, then what
+# the renderers do with it (_KEEP, _DROP or _RESTATE).  One allocation, not
+# two; only the first ``count`` entries of each part are meaningful.
+
+cdef enum:
+    _SPAN_SIZE = 4 * sizeof(int32_t)
+    _LINE_SIZE = _SPAN_SIZE + 1
+
 
 cdef inline int32_t* _spans_of(bytes spans) noexcept:
     return <int32_t*>PyBytes_AS_STRING(spans)
+
+
+cdef inline char* _kinds_of(bytes spans) noexcept:
+    return (
+        PyBytes_AS_STRING(spans)
+        + PyBytes_GET_SIZE(spans) // _LINE_SIZE * _SPAN_SIZE
+    )
 
 
 cdef list _header_list(bytes raw, bytes spans, Py_ssize_t count):
@@ -377,18 +394,14 @@ cdef _Fields _parse_fields(
     # checked for the whole head at once, so only the name needs a scan.
     cdef _Fields fields = _Fields.__new__(_Fields)
     cdef const char* buf = PyBytes_AS_STRING(raw)
-    cdef bytes kinds = PyBytes_FromStringAndSize(NULL, max_lines)
-    cdef char* kind = PyBytes_AS_STRING(kinds)
-    cdef bytes spans = PyBytes_FromStringAndSize(
-        NULL, max_lines * 4 * sizeof(int32_t)
-    )
+    cdef bytes spans = PyBytes_FromStringAndSize(NULL, max_lines * _LINE_SIZE)
     cdef int32_t* span = _spans_of(spans)
+    cdef char* kind = _kinds_of(spans)
     cdef Py_ssize_t line_end, end, colon, value, value_end
     if stop > 0x7FFFFFFF:
         raise ParseError(431, "HEADERS_TOO_LARGE", "message head is too large")
     fields.raw = raw
     fields.spans = spans
-    fields.kinds = kinds
     fields.count = 0
     while pos < stop:
         line_end = _line_end(buf, pos, stop)
@@ -796,7 +809,6 @@ cdef object _parse_request(
     # RFC 9110 §10.1.1: a 100-continue expectation in 1.0 is ignored.
     head.expect_continue = fields.expect_continue and version == 11
     _request_actions(fields)
-    head._actions = fields.kinds
     head._count = fields.count
     head._content_length_value = fields.content_length_value
     head._upgrade_value = fields.upgrade_value or b""
@@ -851,7 +863,7 @@ cdef int _request_actions(_Fields fields) except -1:
     # would let a client change the framing the upstream sees.  Trailer
     # stays too: it is end-to-end (RFC 9110 §6.6.2, not in §7.6.1's list),
     # and the trailer section it announces is relayed verbatim.
-    cdef char* actions = PyBytes_AS_STRING(fields.kinds)
+    cdef char* actions = _kinds_of(fields.spans)
     cdef bint restated = False
     cdef Py_ssize_t index
     cdef char kind
@@ -888,11 +900,9 @@ cdef inline char* _put_c(char* w, const char* part, Py_ssize_t size) noexcept:
     return w + size
 
 
-cdef Py_ssize_t _fields_size(
-    bytes spans, bytes actions, Py_ssize_t count, bytes length
-) noexcept:
+cdef Py_ssize_t _fields_size(bytes spans, Py_ssize_t count, bytes length) noexcept:
     # Bytes taken by the kept headers, each "name: value\r\n".
-    cdef const char* action = PyBytes_AS_STRING(actions)
+    cdef const char* action = _kinds_of(spans)
     cdef int32_t* s = _spans_of(spans)
     cdef Py_ssize_t size = 0
     cdef Py_ssize_t index
@@ -908,9 +918,9 @@ cdef Py_ssize_t _fields_size(
 
 
 cdef char* _put_fields(
-    char* w, bytes raw, bytes spans, bytes actions, Py_ssize_t count, bytes length
+    char* w, bytes raw, bytes spans, Py_ssize_t count, bytes length
 ) noexcept:
-    cdef const char* action = PyBytes_AS_STRING(actions)
+    cdef const char* action = _kinds_of(spans)
     cdef const char* buf = PyBytes_AS_STRING(raw)
     cdef int32_t* s = _spans_of(spans)
     cdef Py_ssize_t index
@@ -948,9 +958,7 @@ cdef bytes _render_request(RequestHead head, bytes host, bytes extra):
 
     # 1. Measure, so that the head is written into one bytes object.
     size = PyBytes_GET_SIZE(head.method) + PyBytes_GET_SIZE(head._origin_form) + 12
-    size += _fields_size(
-        head._spans, head._actions, head._count, head._content_length_value
-    )
+    size += _fields_size(head._spans, head._count, head._content_length_value)
     size += 8 + PyBytes_GET_SIZE(host) + PyBytes_GET_SIZE(extra) + 2
     if upgrade:
         size += 30 + PyBytes_GET_SIZE(head._upgrade_value) + 2
@@ -966,7 +974,6 @@ cdef bytes _render_request(RequestHead head, bytes host, bytes extra):
         w,
         head._raw,
         head._spans,
-        head._actions,
         head._count,
         head._content_length_value,
     )
@@ -1102,7 +1109,6 @@ cdef object _parse_response(
     head.content_length = content_length if framing == _LENGTH else -1
     head.keep_alive = keep_alive
     _response_actions(fields, status)
-    head._actions = fields.kinds
     head._count = fields.count
     head._content_length_value = fields.content_length_value
     return head
@@ -1112,7 +1118,7 @@ cdef int _response_actions(_Fields fields, int status) except -1:
     # Hop-by-hop headers go (RFC 9110 §7.6.1), except that a 101 keeps its
     # Connection and Upgrade so the client sees the switch as sent.  Beside
     # Transfer-Encoding a Content-Length is removed (RFC 9112 §6.3).
-    cdef char* actions = PyBytes_AS_STRING(fields.kinds)
+    cdef char* actions = _kinds_of(fields.spans)
     cdef bint switching = status == 101
     cdef bint restated = False
     cdef Py_ssize_t index
@@ -1159,9 +1165,7 @@ cdef bytes _render_response(ResponseHead head, bint close, bytes body):
 
     # 1. Measure, so that the head is written into one bytes object.
     size = 13 + PyBytes_GET_SIZE(head.reason) + 2
-    size += _fields_size(
-        head._spans, head._actions, head._count, head._content_length_value
-    )
+    size += _fields_size(head._spans, head._count, head._content_length_value)
     if close:
         size += 19
     size += 2 + PyBytes_GET_SIZE(body)
@@ -1181,7 +1185,6 @@ cdef bytes _render_response(ResponseHead head, bint close, bytes body):
         w,
         head._raw,
         head._spans,
-        head._actions,
         head._count,
         head._content_length_value,
     )

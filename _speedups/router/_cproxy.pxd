@@ -15,8 +15,8 @@ from router._clabels cimport Hit, LabelIndex
 from router._ctunnel cimport Tunnel as CTunnel
 
 
-cdef int HEAD, ACTIVE, TUNNEL, CLOSED
-cdef int DL_NONE, DL_IDLE, DL_HEAD, DL_RESPONSE, DL_GRACE, DL_TUNNEL_IDLE
+cdef int HEAD, ACTIVE, TUNNEL, CLOSED, LINGER
+cdef int DL_NONE, DL_IDLE, DL_HEAD, DL_RESPONSE, DL_GRACE, DL_TUNNEL_IDLE, DL_LINGER
 cdef int BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE
 cdef Codec codec
 
@@ -71,7 +71,7 @@ cdef class ClientConnection:
     cdef public int state, deadline_kind, req_framing, status
     cdef public double deadline, started, last_active
     cdef public long long route_id, req_remaining, sent, serial
-    cdef public bint req_done, paused, keep_alive
+    cdef public bint req_done, paused, keep_alive, body_unread
 
     @cython.locals(tunnel=CTunnel)
     cpdef data_received(self, object data)
@@ -111,7 +111,7 @@ cdef class ClientConnection:
 
     cpdef _resume_client(self)
 
-    cpdef _close(self, bint abort=*)
+    cpdef _close(self, bint abort=*, bint linger=*)
 
 
 @cython.final
