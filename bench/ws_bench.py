@@ -783,13 +783,18 @@ async def run(
         f"{'scenario':14}{'edge msg/s':>12}{'nginx msg/s':>13}{'ratio':>7}"
         f"{'edge us/msg':>13}{'nginx us/msg':>14}{'ratio':>7}"
     )
+
+    def medians(name: str, key: str) -> tuple[float, float]:
+        """A proxy's median messages/s and CPU per message in a scenario."""
+        rounds = results[(name, key)]
+        return (
+            statistics.median(x.rate for x in rounds),
+            statistics.median(x.cpu_us for x in rounds),
+        )
+
     for scenario in scenarios:
-        edge = results[("edge-router", scenario.key)]
-        ngx = results[("nginx", scenario.key)]
-        e_rate = statistics.median(x.rate for x in edge)
-        n_rate = statistics.median(x.rate for x in ngx)
-        e_cpu = statistics.median(x.cpu_us for x in edge)
-        n_cpu = statistics.median(x.cpu_us for x in ngx)
+        e_rate, e_cpu = medians("edge-router", scenario.key)
+        n_rate, n_cpu = medians("nginx", scenario.key)
         print(
             f"{scenario.key:14}{e_rate:12.0f}{n_rate:13.0f}{e_rate / n_rate:7.2f}"
             f"{e_cpu:13.1f}{n_cpu:14.1f}{e_cpu / n_cpu:7.2f}"
@@ -802,14 +807,9 @@ async def run(
             f"{'floor us/msg':>13}{'floor/nginx':>13}{'edge/floor':>12}"
         )
         for scenario in scenarios:
-            floor = results[("floor", scenario.key)]
-            ngx = results[("nginx", scenario.key)]
-            edge = results[("edge-router", scenario.key)]
-            f_rate = statistics.median(x.rate for x in floor)
-            f_cpu = statistics.median(x.cpu_us for x in floor)
-            n_rate = statistics.median(x.rate for x in ngx)
-            n_cpu = statistics.median(x.cpu_us for x in ngx)
-            e_cpu = statistics.median(x.cpu_us for x in edge)
+            f_rate, f_cpu = medians("floor", scenario.key)
+            n_rate, n_cpu = medians("nginx", scenario.key)
+            e_cpu = medians("edge-router", scenario.key)[1]
             print(
                 f"{scenario.key:14}{f_rate:12.0f}{f_rate / n_rate:13.2f}"
                 f"{f_cpu:13.1f}{f_cpu / n_cpu:13.2f}{e_cpu / f_cpu:12.2f}"

@@ -216,6 +216,9 @@ def load(
     cfg = Config()
     defaults = Config()
     values: dict[str, Any] = {}
+    # Where each value came from, as a refusal names it: the flag, the
+    # environment variable, or the key and its file.
+    sources: dict[str, str] = {}
 
     path = getattr(args, "config", None) or env.get("EDGE_ROUTER_CONFIG")
     if path:
@@ -229,25 +232,27 @@ def load(
             if not hasattr(cfg, name):
                 raise SystemExit(f"edge-router: unknown key {key!r} in {path}")
             values[name] = raw
+            sources[name] = f"{key} in {path}"
 
     for f in fields(Config):
-        raw = env.get("EDGE_ROUTER_" + f.name.upper())
+        variable = "EDGE_ROUTER_" + f.name.upper()
+        raw = env.get(variable)
         if raw is not None:
             values[f.name] = raw
+            sources[f.name] = variable
         if args is not None and getattr(args, f.name, None) is not None:
             values[f.name] = getattr(args, f.name)
+            sources[f.name] = "--" + f.name.replace("_", "-")
 
     for name, raw in values.items():
-        # Named as a flag, the form most settings come in; the TOML key and
-        # the environment variable are the same name spelled their way.
-        flag = "--" + name.replace("_", "-")
+        where = sources[name]
         try:
             value = _convert(name, raw, getattr(defaults, name))
         except (TypeError, ValueError) as exc:
-            raise SystemExit(f"edge-router: bad value for {flag}: {raw!r}") from exc
+            raise SystemExit(f"edge-router: bad value for {where}: {raw!r}") from exc
         try:
             value = _check(name, value)
         except ValueError as exc:
-            raise SystemExit(f"edge-router: {flag} {exc}, not {raw!r}") from exc
+            raise SystemExit(f"edge-router: {where} {exc}, not {raw!r}") from exc
         setattr(cfg, name, value)
     return cfg

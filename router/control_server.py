@@ -103,7 +103,7 @@ class ControlServer:
             )
         if tcp is not None and not secret:
             raise ControlSetupError(
-                "control_tcp needs control_secret: a TCP port is open to every "
+                "--control-tcp needs --control-secret: a TCP port is open to every "
                 "local user, unlike the 0600 Unix socket"
             )
         self.router = router

@@ -571,7 +571,7 @@ def test_tcp_loopback_forms() -> None:
 
 def test_tcp_without_secret_is_refused() -> None:
     router = Router(Config())
-    with pytest.raises(ValueError, match="control_secret"):
+    with pytest.raises(ValueError, match="--control-tcp needs --control-secret"):
         ControlServer(router, tcp="127.0.0.1:0")
     with pytest.raises(ValueError, match="loopback"):
         ControlServer(router, tcp="0.0.0.0:9000", secret="s")

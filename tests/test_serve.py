@@ -210,8 +210,32 @@ def test_config_file_values_of_the_wrong_type_are_refused(
     toml.write_text(f"{setting} = {text}\n")
     with pytest.raises(SystemExit) as info:
         config.load(None, {"EDGE_ROUTER_CONFIG": str(toml)})
-    flag = "--" + setting.replace("_", "-")
-    assert str(info.value).startswith(f"edge-router: bad value for {flag}")
+    assert str(info.value).startswith(f"edge-router: bad value for {setting} in {toml}")
+
+
+@pytest.mark.parametrize(
+    ("environ", "toml", "named"),
+    [
+        ({"EDGE_ROUTER_HEAD_TIMEOUT": "abc"}, "", "EDGE_ROUTER_HEAD_TIMEOUT"),
+        ({"EDGE_ROUTER_WORKERS": "0"}, "", "EDGE_ROUTER_WORKERS must be between"),
+        ({}, 'head_timeout = "x"\n', "head_timeout in "),
+        ({}, "max-head = 1\n", "max-head in "),
+    ],
+)
+def test_a_refused_setting_is_named_where_it_was_set(
+    environ: dict[str, str], toml: str, named: str, tmp_path: Path
+) -> None:
+    # A flag is named as a flag; a value from the environment or from the
+    # config file is named as the user wrote it there, not as a flag.
+    env = dict(environ)
+    if toml:
+        path = tmp_path / "edge-router.toml"
+        path.write_text(toml)
+        env["EDGE_ROUTER_CONFIG"] = str(path)
+    with pytest.raises(SystemExit) as info:
+        config.load(None, env)
+    assert named in str(info.value)
+    assert "--" not in str(info.value)
 
 
 def test_config_words_and_numbers_that_are_plainly_right_are_taken(
@@ -258,3 +282,8 @@ def test_listeners_on_an_address_are_bound_without_the_loop() -> None:
         with pytest.raises(OSError) as info:
             bound_socket("127.0.0.1", holder.getsockname()[1])
     assert info.value.errno == errno.EADDRINUSE
+
+
+def test_control_tcp_without_a_secret_is_refused_in_flag_words() -> None:
+    stderr = serve_refused("--control-tcp", "127.0.0.1:0")
+    assert "--control-tcp needs --control-secret" in stderr
