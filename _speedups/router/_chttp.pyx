@@ -1016,13 +1016,26 @@ def parse_response(object buf, Py_ssize_t max_head, bint head_request):
         return _parse_response(
             buf, <const char*>view.buf, view.len, max_head, head_request
         )
-    except ParseError as exc:
-        raise ParseError(502, "UPSTREAM_BAD_RESPONSE", exc.message) from None
     finally:
         PyBuffer_Release(&view)
 
 
 cdef object _parse_response(
+    object obj,
+    const char* buf,
+    Py_ssize_t size,
+    Py_ssize_t max_head,
+    bint head_request,
+):
+    # A response the router refuses is the upstream's fault, whatever the
+    # head readers it shares with requests (which say 400) raised: 502.
+    try:
+        return _response_head(obj, buf, size, max_head, head_request)
+    except ParseError as exc:
+        raise ParseError(502, "UPSTREAM_BAD_RESPONSE", exc.message) from None
+
+
+cdef object _response_head(
     object obj,
     const char* buf,
     Py_ssize_t size,
@@ -1226,16 +1239,9 @@ cdef class Codec:
     ):
         if type(buf) is not bytes or max_head <= 0:
             return parse_response(buf, max_head, head_request)
-        try:
-            return _parse_response(
-                buf,
-                PyBytes_AS_STRING(buf),
-                PyBytes_GET_SIZE(buf),
-                max_head,
-                head_request,
-            )
-        except ParseError as exc:
-            raise ParseError(502, "UPSTREAM_BAD_RESPONSE", exc.message) from None
+        return _parse_response(
+            buf, PyBytes_AS_STRING(buf), PyBytes_GET_SIZE(buf), max_head, head_request
+        )
 
     cpdef bytes render_request(self, RequestHead head, bytes host, bytes extra):
         return _render_request(head, host, extra)
