@@ -56,7 +56,13 @@ def extensions() -> list[Extension]:
         OptionalBuildExt._warn(ImportError("Cython is not installed"))
         return []
     exts = [
-        Extension(f"router._c{name}", [source(name)], extra_compile_args=["-O2"])
+        Extension(
+            f"router._c{name}",
+            [source(name)],
+            # A C helper the module includes: a change to it rebuilds it.
+            depends=["_speedups/router/_headscan.h"] if name == "http" else [],
+            extra_compile_args=["-O2"],
+        )
         for name in MODULES
     ]
     directives = {

@@ -838,18 +838,22 @@ def _response_actions(fields: _Fields, status: int) -> bytes:
     return bytes(actions)
 
 
-def render_response(head: ResponseHead, close: bool, body: bytes = b"") -> bytes:
+def render_response(
+    head: ResponseHead, close: bool, body: bytes = b"", start: int = 0
+) -> bytes:
     """The head to send to the client, HTTP/1.1, hop-by-hop headers removed;
-    ``close`` adds ``Connection: close``.  ``body`` bytes follow the head in
-    the same bytes object: a small answer leaves in one write, with no copy
-    made to join them."""
+    ``close`` adds ``Connection: close``.  ``body[start:]`` follows the head
+    in the same bytes object: a small answer leaves in one write, with no
+    copy made to join them, nor to cut its body out of what was read."""
+    if not 0 <= start <= len(body):
+        raise ValueError("start is outside the body")
     status = str(head._status).encode()
     parts = [b"HTTP/1.1 ", status, b" ", head._reason, b"\r\n"]
     _render_fields(parts, head._headers, head._actions, head._content_length_value)
     if close:
         parts.append(b"Connection: close\r\n")
     parts.append(b"\r\n")
-    parts.append(body)
+    parts.append(body[start:] if start else body)
     return b"".join(parts)
 
 

@@ -105,6 +105,10 @@ def _shown(value: bytes) -> str:
     return ascii(text)[1:-1]
 
 
+def _not_connected(data: bytes) -> None:
+    raise RuntimeError("write before connection_made")
+
+
 class Stats:
     __slots__ = (
         "connections",
@@ -175,14 +179,18 @@ class Proxy:
         # Bumped when the sweeper drops a pool list: an upstream connection
         # made before holds a list no one takes from any more.
         self.pool_epoch = 0
-        # route id → what its requests were last sent to, and the pool of
-        # that: (sandbox name, target, upstream host, port, pool key, pool).
+        # route id → what its requests were last sent to, the pool of that,
+        # and the Host it gets: (sandbox name, target, upstream host, port,
+        # pool key, pool, ``localhost:{port}``).
         # A request whose route still says the same (the same objects from
         # the table) neither builds the key nor hashes it.
         self.route_pools: dict[int, tuple[Any, ...]] = {}
         self.local_hosts: dict[int, bytes] = {}
         self.clients: set[ClientConnection] = set()
-        # route_id → connections relaying a request of that route right now.
+        # route_id → connections whose last request was on that route (the
+        # ones relaying one right now have that ``route_id`` too).  A
+        # connection stays listed between requests, so that a kept-alive
+        # client of one route costs no set insert and removal per request.
         self.by_route: dict[int, set[ClientConnection]] = {}
         self.draining = False
         self.tunnel_idle = config.tunnel_idle_timeout
@@ -296,7 +304,9 @@ class Proxy:
         """
         doomed: set[ClientConnection] = set()
         for rid in route_ids:
-            doomed |= self.by_route.get(rid, set())
+            for conn in self.by_route.get(rid, ()):
+                if conn.route_id == rid:
+                    doomed.add(conn)
         if sandboxes:
             for conn in self.clients:
                 if conn.sandbox in sandboxes and conn.state in (ACTIVE, TUNNEL):
@@ -364,9 +374,11 @@ class Proxy:
         if not conns:
             return
         for conn in conns:
-            conn.route_id = new
-            if conn.tunnel is not None:
-                conn.tunnel.route_id = new
+            conn.listed_route = new
+            if conn.route_id == old:
+                conn.route_id = new
+                if conn.tunnel is not None:
+                    conn.tunnel.route_id = new
         moved = self.by_route.get(new)
         if moved is None:
             self.by_route[new] = conns
@@ -480,6 +492,7 @@ class ClientConnection:
         "keep_alive",
         "label",
         "last_active",
+        "listed_route",
         "paused",
         "peer",
         "pending_body",
@@ -490,6 +503,9 @@ class ClientConnection:
         "req_remaining",
         "route_id",
         "sandbox",
+        "seen_domains",
+        "seen_host",
+        "seen_label",
         "sent",
         "serial",
         "started",
@@ -498,16 +514,23 @@ class ClientConnection:
         "transport",
         "tunnel",
         "upstream",
+        "write",
     )
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.transport: asyncio.Transport | None = None
+        # ``transport.write``, looked up once (as ``UpstreamConnection``'s).
+        self.write: Callable[[bytes], None] = _not_connected
         self.peer = ""
         self.forwarded = b""
         self.forwarded_for = b""
         self.forwarded_host = b""
         self.forwarded_block = b""
+        # The last Host seen and its label (``_next_request``).
+        self.seen_host = b""
+        self.seen_domains: tuple[bytes, ...] | None = None
+        self.seen_label: bytes | None = None
         self.buf = b""
         self.state = HEAD
         self.deadline = 0.0
@@ -515,6 +538,8 @@ class ClientConnection:
         self.head: Any = None
         self.upstream: UpstreamConnection | None = None
         self.route_id = 0
+        # The route whose ``Proxy.by_route`` set holds this connection.
+        self.listed_route = 0
         self.sandbox = ""
         self.req_framing = 0
         self.req_remaining = 0
@@ -541,6 +566,7 @@ class ClientConnection:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses.
         self.transport = transport  # type: ignore[assignment]
+        self.write = self.transport.write  # type: ignore[union-attr]
         proxy = self.proxy
         proxy.clients.add(self)
         proxy.stats.connections += 1
@@ -661,12 +687,20 @@ class ClientConnection:
             self._route_internal(head)
             return
 
-        # 1. Route: Host → label → one lookup.
-        try:
-            label = codec.host_label(head.host or b"", proxy.domains)
-        except ValueError:
-            self._reply("BAD_REQUEST", "Invalid Host header")
-            return
+        # 1. Route: Host → label → one lookup.  The requests of a connection
+        #    nearly always name one Host, so its label is kept.
+        host = head.host or b""
+        if host == self.seen_host and proxy.domains is self.seen_domains:
+            label = self.seen_label
+        else:
+            try:
+                label = codec.host_label(host, proxy.domains)
+            except ValueError:
+                self._reply("BAD_REQUEST", "Invalid Host header")
+                return
+            self.seen_host = host
+            self.seen_domains = proxy.domains
+            self.seen_label = label
         if label is None:
             if proxy.fallback is None:
                 self._reply("NOT_FOUND")
@@ -711,19 +745,30 @@ class ClientConnection:
                 assert upstream_host is not None
                 address = (upstream_host, port)
             key = (name, address)
-            sent_to = (name, target, upstream_host, port, key, proxy.pool_of(key))
+            local = proxy.local_hosts.get(port) or proxy.local_host(port)
+            sent_to = (
+                name,
+                target,
+                upstream_host,
+                port,
+                key,
+                proxy.pool_of(key),
+                local,
+            )
             proxy.route_pools[route_id] = sent_to
-        conns = proxy.by_route.get(route_id)
-        if conns is None:
-            proxy.by_route[route_id] = {self}
-        else:
-            conns.add(self)
+        if self.listed_route != route_id:
+            self._unlist()
+            conns = proxy.by_route.get(route_id)
+            if conns is None:
+                proxy.by_route[route_id] = {self}
+            else:
+                conns.add(self)
+            self.listed_route = route_id
 
-        # 2. Host sent upstream: the public one, or what dev servers accept.
-        if flags & FLAG_PRESERVE_HOST:
-            host = head.host or b""
-        else:
-            host = proxy.local_hosts.get(port) or proxy.local_host(port)
+        # 2. Host sent upstream: the public one as received (``host`` still),
+        #    or what dev servers accept.
+        if not flags & FLAG_PRESERVE_HOST:
+            host = sent_to[6]
         self._dispatch(sent_to[4], host, sent_to[5])
 
     def _route_internal(self, head: Any) -> None:
@@ -1016,7 +1061,9 @@ class ClientConnection:
     def _request_finished(self) -> None:
         if self.proxy.access_log and self.head is not None:
             self._log_access()
-        self._unregister()
+        # Still listed under its route (see ``Proxy.by_route``), but no
+        # longer relaying on it.
+        self.route_id = 0
         self.head = None
         self.sandbox = ""
         if not self.keep_alive or self.transport is None:
@@ -1044,14 +1091,19 @@ class ClientConnection:
         )
 
     def _unregister(self) -> None:
-        rid = self.route_id
+        self.route_id = 0
+        self._unlist()
+
+    def _unlist(self) -> None:
+        rid = self.listed_route
         if rid:
-            # An emptied set stays until the sweeper drops it: on a busy
-            # route it would otherwise be made and dropped every request.
+            # An emptied set stays until the sweeper drops it: on a route
+            # whose clients come and go it would otherwise be made and
+            # dropped again and again.
             conns = self.proxy.by_route.get(rid)
             if conns is not None:
                 conns.discard(self)
-            self.route_id = 0
+            self.listed_route = 0
 
     # -- the router's own answers ---------------------------------------
 
@@ -1294,6 +1346,7 @@ class UpstreamConnection:
         "state",
         "transport",
         "uses",
+        "write",
     )
 
     def __init__(self, proxy: Proxy, key: tuple[str, Address]) -> None:
@@ -1317,10 +1370,14 @@ class UpstreamConnection:
         self.pool_epoch = proxy.pool_epoch
         self.sent_head = b""
         self.relay: SpliceRelay | None = None
+        # ``transport.write``, looked up once: the hot path writes twice a
+        # request, and a method lookup each time is not free.
+        self.write: Callable[[bytes], None] = _not_connected
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses.
         self.transport = transport  # type: ignore[assignment]
+        self.write = self.transport.write  # type: ignore[union-attr]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1335,7 +1392,7 @@ class UpstreamConnection:
         self.uses += 1
         self.sent_head = head
         assert self.transport is not None
-        self.transport.write(head)
+        self.write(head)
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -1359,6 +1416,7 @@ class UpstreamConnection:
 
     def _head(self, client: ClientConnection) -> None:
         assert client.transport is not None
+        end = 0
         while True:
             try:
                 head = codec.parse_response(self.buf, 65536, self.head_request)
@@ -1375,21 +1433,27 @@ class UpstreamConnection:
             if head is None:
                 return
             end = head.head_len
-            self.buf = self.buf[end:] if end < len(self.buf) else b""
             status = head.status
             if 100 <= status < 200 and status != 101:
                 # Interim answers (100 Continue, 103 Early Hints) pass
                 # through; the final head follows on the same connection.
                 # Never to an HTTP/1.0 client, which cannot read them (RFC
                 # 9110 §15.2).
+                self.buf = self.buf[end:] if end < len(self.buf) else b""
                 request = client.head
                 if request is None or request.version != 10:
-                    client.transport.write(codec.render_response(head, False))
+                    client.write(codec.render_response(head, False))
                 continue
             break
 
+        # What follows the head is left in ``buf`` from ``end`` on, not cut
+        # off: a small answer's body is copied once, into the client's bytes.
+        buf = self.buf
+        self.buf = b""
+
         client.response_started(status)
         if status == 101:
+            self.buf = buf[end:]
             self._upgrade(client, head)
             return
 
@@ -1423,33 +1487,36 @@ class UpstreamConnection:
         if head.framing == BODY_NONE or (
             head.framing == BODY_LENGTH and head.content_length == 0
         ):
-            client.transport.write(out or codec.render_response(head, close))
+            client.write(out or codec.render_response(head, close))
             self._done(client)
             return
         self.remaining = head.content_length
         self.state = ACTIVE
-        rest, self.buf = self.buf, b""
-        if head.framing == BODY_LENGTH and rest:
+        given = len(buf) - end
+        if head.framing == BODY_LENGTH and given > 0:
             # The head and the body bytes that came with it leave in one
             # write: for small responses that is the whole answer in one
             # system call instead of two (what nginx's writev achieves).
             n = self.remaining
-            if len(rest) > n:
-                rest = rest[:n]
+            if given > n:
+                # More than the announced length: never reuse this socket.
+                buf = buf[end : end + n]
+                end = 0
+                given = n
                 self.reusable = False
             if out:
-                client.transport.write(out + rest)
+                client.write(out + buf[end:])
             else:
-                client.transport.write(codec.render_response(head, close, rest))
-            self.remaining = n - len(rest)
+                client.write(codec.render_response(head, close, buf, end))
+            self.remaining = n - given
             if self.remaining == 0:
                 self._done(client)
             else:
                 self._maybe_splice(client)
             return
-        client.transport.write(out or codec.render_response(head, close))
-        if rest:
-            self._body(client, rest)
+        client.write(out or codec.render_response(head, close))
+        if given > 0:
+            self._body(client, buf[end:])
         elif head.framing == BODY_LENGTH:
             self._maybe_splice(client)
 

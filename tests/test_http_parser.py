@@ -709,6 +709,7 @@ def _summary(module: ModuleType, function: str, *args: Any) -> Any:
         module.render_response(head, False),
         module.render_response(head, True),
         module.render_response(head, False, b"body"),
+        module.render_response(head, True, b"a body", 2),
         head.get(b"content-length"),
     )
 
@@ -1194,6 +1195,20 @@ def test_render_response_forwarding_rules(http: ModuleType) -> None:
     assert http.render_response(head, True) == (
         b"HTTP/1.1 302 Found\r\n" + kept + b"Connection: close\r\n\r\n"
     )
+
+
+def test_render_response_takes_the_body_from_start(http: ModuleType) -> None:
+    # The proxy hands over what it read, head and all, and where the body
+    # starts in it: the body is copied once, not cut out first.
+    read = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    head = http.parse_response(read, MAX_HEAD, False)
+    codec = http.Codec()
+    for render in (http.render_response, codec.render_response):
+        assert render(head, False, read, head.head_len) == read
+        assert render(head, False, read, len(read)) == read[: head.head_len]
+        for start in (-1, len(read) + 1):
+            with pytest.raises(ValueError, match="start is outside the body"):
+                render(head, False, read, start)
 
 
 def test_render_response_switching(http: ModuleType) -> None:

@@ -595,6 +595,37 @@ def test_revoked_request_waiting_for_its_head_gets_the_new_answer(
             assert wire.response().json()["code"] == code
 
 
+@pytest.mark.parametrize("then", ["fallback", "another route"])
+def test_revoking_a_route_spares_a_later_request_elsewhere_on_its_connection(
+    make_router: MakeRouter, then: str
+) -> None:
+    # A kept-alive connection whose earlier request used the route, and
+    # whose request in flight goes elsewhere, is not that route's: the
+    # route's unexpose must neither answer nor cut what is in flight.
+    go = threading.Event()
+    with upstream() as first, ScriptedUpstream(answers_when(go)) as slow:
+        if then == "fallback":
+            router = make_router(fallback=f"127.0.0.1:{slow.port}")
+            other = "example.com"
+        else:
+            router = make_router()
+            other = router.host(router.expose("sb2", slow.port))
+        host = router.host(router.expose("sb", first.port))
+        with Wire(router.port) as wire:
+            wire.send(request_bytes(host, "/1"))
+            assert wire.response().status == 200
+            wire.send(request_bytes(other, "/2"))
+            assert wait_for(lambda: slow.heads)
+            router.commit({"op": "unexpose_port", "sandbox": "sb", "port": first.port})
+            go.set()
+            response = wire.response()
+            assert (response.status, response.body) == (200, b"ok")
+            # The revocation holds for the route's own URL on this connection.
+            wire.send(request_bytes(host, "/3"))
+            assert wire.response().json()["code"] == "INVALID_TOKEN"
+        assert [s["path"] for s in first.seen] == ["/1"]
+
+
 def answers_when(go: threading.Event) -> Callable[[Peer], None]:
     """An upstream script: read the head, answer 200 "ok" once ``go`` is set."""
 

@@ -47,7 +47,8 @@ cdef class _Fields:
     cdef object host                   # first Host value, or None
     cdef Py_ssize_t host_count
     cdef Py_ssize_t content_length_count
-    cdef bytes content_length_value
+    cdef const char* length_digits     # the first Content-Length, in raw
+    cdef Py_ssize_t length_size
     cdef bint restate_length
     cdef bint transfer_encoding
     cdef bint connection_close
@@ -66,7 +67,9 @@ cdef class Codec:
         self, object buf, Py_ssize_t max_head, bint head_request
     )
     cpdef bytes render_request(self, RequestHead head, bytes host, bytes extra)
-    cpdef bytes render_response(self, ResponseHead head, bint close, bytes body=*)
+    cpdef bytes render_response(
+        self, ResponseHead head, bint close, bytes body=*, Py_ssize_t start=*
+    )
 
 
 cdef class ChunkedFramer:

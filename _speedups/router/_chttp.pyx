@@ -26,6 +26,17 @@ from router._clabels cimport _host_label
 
 cimport cython
 
+
+cdef extern from "_headscan.h":
+    ctypedef struct eh_span:
+        Py_ssize_t blank
+        Py_ssize_t end
+        Py_ssize_t lines
+        int folded
+    int eh_find_head(const char* buf, Py_ssize_t stop, eh_span* span) noexcept
+    int eh_check_head(const char* buf, Py_ssize_t end) noexcept
+
+
 BODY_NONE = 0
 BODY_LENGTH = 1
 BODY_CHUNKED = 2
@@ -217,6 +228,7 @@ cdef class _Head:
 
 
 @cython.no_gc
+@cython.freelist(8)
 cdef class RequestHead(_Head):
     """A parsed request head; attributes are read-only."""
 
@@ -232,6 +244,7 @@ cdef class RequestHead(_Head):
 
 
 @cython.no_gc
+@cython.freelist(8)
 cdef class ResponseHead(_Head):
     """A parsed response head; attributes are read-only."""
 
@@ -248,14 +261,36 @@ cdef class ResponseHead(_Head):
 
 @cython.no_gc
 cdef class _Fields:
+    pass
 
-    def __cinit__(self):
-        self.host = None
-        self.content_length_value = b""
-        # None until a Connection header lists another option: most heads
-        # have none, and a list per parse is not free.
-        self.connection_listed = None
-        self.upgrade_value = None
+
+# What a header section says lives only while its head is made from it, and
+# no parse starts inside another: one record, emptied by each parse, serves
+# them all (a new one each time cost more than the rest of a small parse).
+cdef _Fields _SCRATCH = _Fields.__new__(_Fields)
+
+
+cdef _Fields _fresh_fields(bytes raw, bytes spans):
+    cdef _Fields fields = _SCRATCH
+    fields.raw = raw
+    fields.spans = spans
+    fields.count = 0
+    fields.host = None
+    fields.host_count = 0
+    fields.content_length_count = 0
+    fields.length_digits = NULL
+    fields.length_size = 0
+    fields.restate_length = False
+    fields.transfer_encoding = False
+    fields.connection_close = False
+    fields.connection_keep_alive = False
+    fields.connection_upgrade = False
+    # None until a Connection header lists another option: most heads have
+    # none, and a list per parse is not free.
+    fields.connection_listed = None
+    fields.upgrade_value = None
+    fields.expect_continue = False
+    return fields
 
 
 # ---------------------------------------------------------------------------
@@ -274,30 +309,14 @@ cdef bint _find_head(
     # Like h11, the head ends at the first LF followed by an empty line,
     # CRLF or bare LF (RFC 9112 §2.2).  Only the first max_head bytes are
     # searched, so a large pipelined body behind the head is never scanned.
-    cdef const char* stop = buf + (size if size < max_head else max_head)
-    cdef const char* p = buf
-    cdef const char* lf
-    span.lines = 1
-    span.folded = False
-    while True:
-        lf = <const char*>memchr(p, b"\n", stop - p)
-        if lf == NULL or lf + 1 >= stop:
-            return False
-        if lf[1] == b"\n":
-            span.blank = lf - buf
-            span.end = span.blank + 2
-            return True
-        if lf[1] == b"\r":
-            if lf + 2 >= stop:
-                return False
-            if lf[2] == b"\n":
-                span.blank = lf - buf
-                span.end = span.blank + 3
-                return True
-        elif _is_space(lf[1]):
-            span.folded = True
-        span.lines += 1
-        p = lf + 1
+    cdef eh_span found
+    if not eh_find_head(buf, size if size < max_head else max_head, &found):
+        return False
+    span.blank = found.blank
+    span.end = found.end
+    span.lines = found.lines
+    span.folded = found.folded
+    return True
 
 
 cdef int _incomplete(
@@ -317,23 +336,13 @@ cdef int _incomplete(
 cdef int _check_head_bytes(const char* buf, Py_ssize_t end) except -1:
     # NUL, VT and FF are valid nowhere in a head, and CR only right before LF
     # (RFC 9112 §2.2, RFC 9110 §5.5): the same set h11's grammar refuses.
-    # Checking the whole head with memchr lets the line parsers skip values.
-    cdef const char* p = buf
-    cdef const char* stop = buf + end
-    if (
-        memchr(buf, 0x00, end) != NULL
-        or memchr(buf, 0x0B, end) != NULL
-        or memchr(buf, 0x0C, end) != NULL
-    ):
+    # Checking the whole head at once lets the line parsers skip values.
+    cdef int verdict = eh_check_head(buf, end)
+    if verdict == 1:
         raise _bad("control character in message head")
-
-    while True:
-        p = <const char*>memchr(p, b"\r", stop - p)
-        if p == NULL:
-            return 0
-        if p + 1 >= stop or p[1] != b"\n":
-            raise _bad("bare CR in message head")
-        p += 2
+    if verdict == 2:
+        raise _bad("bare CR in message head")
+    return 0
 
 
 cdef inline Py_ssize_t _line_end(const char* buf, Py_ssize_t pos, Py_ssize_t stop):
@@ -392,17 +401,14 @@ cdef _Fields _parse_fields(
 ):
     # RFC 9112 §5: field-name ":" OWS field-value OWS.  The value bytes were
     # checked for the whole head at once, so only the name needs a scan.
-    cdef _Fields fields = _Fields.__new__(_Fields)
     cdef const char* buf = PyBytes_AS_STRING(raw)
     cdef bytes spans = PyBytes_FromStringAndSize(NULL, max_lines * _LINE_SIZE)
+    cdef _Fields fields = _fresh_fields(raw, spans)
     cdef int32_t* span = _spans_of(spans)
     cdef char* kind = _kinds_of(spans)
     cdef Py_ssize_t line_end, end, colon, value, value_end
     if stop > 0x7FFFFFFF:
         raise ParseError(431, "HEADERS_TOO_LARGE", "message head is too large")
-    fields.raw = raw
-    fields.spans = spans
-    fields.count = 0
     while pos < stop:
         line_end = _line_end(buf, pos, stop)
         end = line_end
@@ -541,7 +547,6 @@ cdef int _note_content_length(
     # difference, even "5" against "05", is refused.
     cdef _Item first, item
     cdef Py_ssize_t i
-    cdef bytes known
     _comma_item(value, size, 0, &first)
     item.next = first.next
     while item.next >= 0:
@@ -559,30 +564,40 @@ cdef int _note_content_length(
 
     fields.content_length_count += 1
     if fields.content_length_count == 1:
-        fields.content_length_value = first.start[:first.size]
+        fields.length_digits = first.start
+        fields.length_size = first.size
         fields.restate_length = first.next >= 0
         return 0
 
-    known = fields.content_length_value
-    if PyBytes_GET_SIZE(known) != first.size or memcmp(
-        PyBytes_AS_STRING(known), first.start, first.size
+    if fields.length_size != first.size or memcmp(
+        fields.length_digits, first.start, first.size
     ):
         raise _bad("conflicting Content-Length values")
     fields.restate_length = True
     return 0
 
 
+cdef bytes _EMPTY = b""
+
+
+cdef bytes _length_value(_Fields fields):
+    # The digits a _RESTATE header is written with; no other header needs
+    # them as bytes, so nearly every head shares one empty value.
+    if not fields.restate_length:
+        return _EMPTY
+    return PyBytes_FromStringAndSize(fields.length_digits, fields.length_size)
+
+
 cdef long long _content_length(_Fields fields) except -2:
     # Checked apart from the grammar so that trailers, whose Content-Length
     # means nothing, are held to h11's 20 digits only.
-    cdef bytes raw = fields.content_length_value
-    cdef const char* digits = PyBytes_AS_STRING(raw)
+    cdef const char* digits = fields.length_digits
     cdef long long length = 0
     cdef int digit
     cdef Py_ssize_t i
     if not fields.content_length_count:
         return -1
-    for i in range(PyBytes_GET_SIZE(raw)):
+    for i in range(fields.length_size):
         digit = digits[i] - 0x30
         if length > (_MAX_LENGTH - digit) // 10:
             raise _bad("Content-Length is too large")
@@ -810,7 +825,7 @@ cdef object _parse_request(
     head.expect_continue = fields.expect_continue and version == 11
     _request_actions(fields)
     head._count = fields.count
-    head._content_length_value = fields.content_length_value
+    head._content_length_value = _length_value(fields)
     head._upgrade_value = fields.upgrade_value or b""
     head._origin_form = origin_form
     return head
@@ -1123,7 +1138,7 @@ cdef object _response_head(
     head.keep_alive = keep_alive
     _response_actions(fields, status)
     head._count = fields.count
-    head._content_length_value = fields.content_length_value
+    head._content_length_value = _length_value(fields)
     return head
 
 
@@ -1157,15 +1172,22 @@ cdef int _response_actions(_Fields fields, int status) except -1:
     return 0
 
 
-def render_response(ResponseHead head not None, bint close, bytes body not None=b""):
+def render_response(
+    ResponseHead head not None,
+    bint close,
+    bytes body not None=b"",
+    Py_ssize_t start=0,
+):
     """The head to send to the client, HTTP/1.1, hop-by-hop headers removed;
-    ``close`` adds ``Connection: close``.  ``body`` bytes follow the head in
-    the same bytes object: a small answer leaves in one write, with no copy
-    made to join them."""
-    return _render_response(head, close, body)
+    ``close`` adds ``Connection: close``.  ``body[start:]`` follows the head
+    in the same bytes object: a small answer leaves in one write, with no
+    copy made to join them, nor to cut its body out of what was read."""
+    return _render_response(head, close, body, start)
 
 
-cdef bytes _render_response(ResponseHead head, bint close, bytes body):
+cdef bytes _render_response(
+    ResponseHead head, bint close, bytes body, Py_ssize_t start
+):
     cdef Py_ssize_t size
     cdef bytes out
     cdef char* w
@@ -1175,13 +1197,15 @@ cdef bytes _render_response(ResponseHead head, bint close, bytes body):
         raise TypeError("render_response takes a head and bytes")
     if head._spans is None:
         raise TypeError("ResponseHead objects are made by parse_response")
+    if not 0 <= start <= PyBytes_GET_SIZE(body):
+        raise ValueError("start is outside the body")
 
     # 1. Measure, so that the head is written into one bytes object.
     size = 13 + PyBytes_GET_SIZE(head.reason) + 2
     size += _fields_size(head._spans, head._count, head._content_length_value)
     if close:
         size += 19
-    size += 2 + PyBytes_GET_SIZE(body)
+    size += 2 + PyBytes_GET_SIZE(body) - start
 
     # 2. Write.
     status[0] = <char>(0x30 + head.status // 100)
@@ -1204,7 +1228,7 @@ cdef bytes _render_response(ResponseHead head, bint close, bytes body):
     if close:
         w = _put_c(w, b"Connection: close\r\n", 19)
     w = _put_c(w, b"\r\n", 2)
-    w = _put(w, body)
+    w = _put_c(w, PyBytes_AS_STRING(body) + start, PyBytes_GET_SIZE(body) - start)
     _check_written(out, w)
     return out
 
@@ -1246,8 +1270,10 @@ cdef class Codec:
     cpdef bytes render_request(self, RequestHead head, bytes host, bytes extra):
         return _render_request(head, host, extra)
 
-    cpdef bytes render_response(self, ResponseHead head, bint close, bytes body=b""):
-        return _render_response(head, close, body)
+    cpdef bytes render_response(
+        self, ResponseHead head, bint close, bytes body=b"", Py_ssize_t start=0
+    ):
+        return _render_response(head, close, body, start)
 
 
 # ---------------------------------------------------------------------------

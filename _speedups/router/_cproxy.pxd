@@ -62,15 +62,16 @@ cdef class ClientConnection:
     cdef public Proxy proxy
     cdef public UpstreamConnection upstream
     cdef public RequestHead head
-    cdef public object transport, peer, forwarded, forwarded_for, sandbox
-    cdef public bytes forwarded_host, forwarded_block
+    cdef public object transport, write, peer, forwarded, forwarded_for, sandbox
+    cdef public bytes forwarded_host, forwarded_block, seen_host
+    cdef public object seen_domains, seen_label
     cdef public bytes buf
     cdef public object req_framer, label
     cdef public CTunnel tunnel
     cdef public list pending_body
     cdef public int state, deadline_kind, req_framing, status
     cdef public double deadline, started, last_active
-    cdef public long long route_id, req_remaining, sent, serial
+    cdef public long long route_id, listed_route, req_remaining, sent, serial
     cdef public bint req_done, paused, keep_alive, body_unread
 
     @cython.locals(tunnel=CTunnel)
@@ -79,7 +80,7 @@ cdef class ClientConnection:
     @cython.locals(proxy=Proxy, head=RequestHead, hit=Hit,
                    route_id=cython.longlong, sandbox_slot=Py_ssize_t, port=int,
                    target_slot=Py_ssize_t, end=Py_ssize_t,
-                   flags=int, conns=set, sent_to=tuple)
+                   flags=int, conns=set, sent_to=tuple, host=bytes)
     cpdef _next_request(self)
 
     @cython.locals(head=RequestHead, proxy=Proxy, up=UpstreamConnection)
@@ -100,8 +101,10 @@ cdef class ClientConnection:
 
     cpdef _request_finished(self)
 
-    @cython.locals(rid=cython.longlong, conns=set)
     cpdef _unregister(self)
+
+    @cython.locals(rid=cython.longlong, conns=set)
+    cpdef _unlist(self)
 
     cpdef _arm(self, int kind, double seconds)
 
@@ -118,7 +121,7 @@ cdef class ClientConnection:
 cdef class UpstreamConnection:
     cdef public Proxy proxy
     cdef public ClientConnection client
-    cdef public object key, transport, framer, sent_head, relay
+    cdef public object key, transport, write, framer, sent_head, relay
     cdef public list pool
     cdef public Py_ssize_t pool_epoch
     cdef public bytes buf
@@ -133,7 +136,8 @@ cdef class UpstreamConnection:
     cpdef data_received(self, object data)
 
     @cython.locals(head=ResponseHead, request=RequestHead, status=int,
-                   close=bint, n=cython.longlong, end=Py_ssize_t)
+                   close=bint, n=cython.longlong, end=Py_ssize_t, buf=bytes,
+                   given=Py_ssize_t)
     cpdef _head(self, ClientConnection client)
 
     @cython.locals(n=cython.longlong, framing=int)
