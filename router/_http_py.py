@@ -1006,7 +1006,7 @@ class ChunkedFramer:
 
     def _size_byte(self, state: int, byte: int) -> int:
         # chunk = chunk-size [ chunk-ext ] CRLF, with h11's leniencies: up to
-        # 20 hex digits, whitespace before CRLF, and any bytes but LF in the
+        # 20 hex digits, whitespace before CRLF, and any visible bytes in the
         # extension (which nobody here interprets).
         if state in (_SIZE_FIRST, _SIZE):
             digit = _HEX.get(byte, -1)
@@ -1041,12 +1041,20 @@ class ChunkedFramer:
                 raise self._fail("chunk-size line not ended by CRLF")
             return self._chunk_start()
 
-        # _EXTENSION: the line ends at the first CRLF; a bare LF is refused.
+        # _EXTENSION: the line ends at the first CRLF.  The line goes on
+        # upstream as it came, so whatever RFC 9112 §2.2 and §7.1.1 let no
+        # recipient pass on is refused here, where h11 lets it through: a
+        # bare LF, a bare CR, a control byte.
         if byte == 0x0A:
             if not self._cr:
                 raise self._fail("chunk-size line ended by a bare LF")
             return self._chunk_start()
-        self._cr = byte == 0x0D
+        if self._cr:
+            raise self._fail("bare CR in chunk extension")
+        if byte == 0x0D:
+            self._cr = True
+        elif (byte < 0x20 and byte != 0x09) or byte == 0x7F:
+            raise self._fail("control character in chunk extension")
         return _EXTENSION
 
     def _chunk_start(self) -> int:
@@ -1071,6 +1079,11 @@ class ChunkedFramer:
         section = bytes(self._trailers)
         self._trailers = bytearray()
         try:
+            # h11 takes a bare LF for a line end here; the section goes on
+            # as it came, and a sandbox that wants CRLF would read it
+            # differently (the next request, even, for trailers).
+            if section.count(b"\n") != section.count(b"\r\n"):
+                raise _bad("trailer section has a bare LF")
             _check_trailers(section)
         except ParseError:
             self._state = _FAILED

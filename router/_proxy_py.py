@@ -105,8 +105,16 @@ def _shown(value: bytes) -> str:
     return ascii(text)[1:-1]
 
 
+# RFC 9110 §9.2.2: the methods whose requests may be repeated.
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
+
 def _not_connected(data: bytes) -> None:
     raise RuntimeError("write before connection_made")
+
+
+def _not_connected_yet() -> bool:
+    return True
 
 
 class Stats:
@@ -414,7 +422,7 @@ class Proxy:
     def take(self, pool: list[UpstreamConnection]) -> UpstreamConnection | None:
         while pool:
             up = pool.pop()
-            if up.transport is not None and not up.transport.is_closing():
+            if up.transport is not None and not up.is_closing():
                 return up
         return None
 
@@ -688,8 +696,13 @@ class ClientConnection:
             return
 
         # 1. Route: Host → label → one lookup.  The requests of a connection
-        #    nearly always name one Host, so its label is kept.
-        host = head.host or b""
+        #    nearly always name one Host, so its label is kept.  HTTP/1.0
+        #    may leave Host out (the parser takes it, as h11 does), but a
+        #    preview router cannot route without one (SPEC §1).
+        if head.host is None:
+            self._reply("BAD_REQUEST", "missing Host header")
+            return
+        host = head.host
         if host == self.seen_host and proxy.domains is self.seen_domains:
             label = self.seen_label
         else:
@@ -1002,10 +1015,11 @@ class ClientConnection:
         """The rest of a large upload goes client → upstream in the kernel."""
         assert self.transport is not None and up.transport is not None
 
-        # No bytes pass through Python now, so the response-head timer that
-        # body chunks keep pushing back is off until the upload is in.
-        self.deadline_kind = DL_NONE
-        self.deadline = 0.0
+        # No bytes pass through Python now: the response-head timer, which
+        # body chunks push back, is pushed back by the relay's progress
+        # instead when it fires (``deadline_passed``).
+        if self.status == 0:
+            self._arm(DL_RESPONSE, self.proxy.response_timeout)
 
         def spliced(ok: bool) -> None:
             up.relay = None
@@ -1202,6 +1216,14 @@ class ClientConnection:
         self.deadline_kind = DL_NONE
         if kind == DL_RESPONSE and self.status == 0:
             up = self.upstream
+            if up is not None and up.relay is not None:
+                # A spliced upload: the time runs from the last bytes the
+                # relay moved, as it runs from the last body chunk otherwise.
+                due = up.relay.moved_at + self.proxy.response_timeout
+                if due > self.proxy.now():
+                    self.deadline_kind = DL_RESPONSE
+                    self.deadline = due
+                    return
             if up is not None:
                 up.client = None
                 up.close()
@@ -1335,6 +1357,7 @@ class UpstreamConnection:
         "got_bytes",
         "head_request",
         "idle_since",
+        "is_closing",
         "key",
         "pool",
         "pool_epoch",
@@ -1370,14 +1393,16 @@ class UpstreamConnection:
         self.pool_epoch = proxy.pool_epoch
         self.sent_head = b""
         self.relay: SpliceRelay | None = None
-        # ``transport.write``, looked up once: the hot path writes twice a
-        # request, and a method lookup each time is not free.
+        # ``transport.write`` and ``is_closing``, looked up once: the hot
+        # path calls them on every request, and a method lookup is not free.
         self.write: Callable[[bytes], None] = _not_connected
+        self.is_closing: Callable[[], bool] = _not_connected_yet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses.
         self.transport = transport  # type: ignore[assignment]
         self.write = self.transport.write  # type: ignore[union-attr]
+        self.is_closing = transport.is_closing
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1461,7 +1486,10 @@ class UpstreamConnection:
         # so the chunks are decoded and the connection closes at the end.
         self.framing = head.framing
         self.reusable = head.keep_alive
-        close = not client.keep_alive
+        # An answer before the whole request body (an early 413, a refusal)
+        # ends the connection with it (``response_done``): RFC 9112 §9.6
+        # wants the client told so.
+        close = not client.keep_alive or not client.req_done
         self.dechunk = False
         if head.framing == BODY_CLOSE:
             close = True
@@ -1475,18 +1503,30 @@ class UpstreamConnection:
         # ``out`` is left empty when the head goes as rendered: it is then
         # rendered below, with the body bytes that came with it when any.
         out = b""
-        if self.dechunk:
-            out = _drop_transfer_encoding(codec.render_response(head, close))
-        elif not close and client.head is not None and client.head.version == 10:
-            # An HTTP/1.0 client keeps the connection only when told so
-            # (RFC 9112 §9.3); ``ab -k`` and other 1.0 load tools rely on it.
-            out = codec.render_response(head, close)
-            out = out[:-2] + b"Connection: keep-alive\r\n\r\n"
+        request = client.head
+        if request is not None and request.version == 10:
+            # HTTP/1.0 has no Transfer-Encoding (RFC 9112 §6.1): it goes,
+            # from a de-chunked body's head and from a bodiless one's (the
+            # answer to HEAD, a 304) alike.
+            if self.dechunk or (
+                head.framing == BODY_NONE and head.get(b"transfer-encoding") is not None
+            ):
+                out = _drop_transfer_encoding(codec.render_response(head, close))
+            if not close:
+                # An HTTP/1.0 client keeps the connection only when told so
+                # (RFC 9112 §9.3); ``ab -k`` and other 1.0 load tools rely
+                # on it.
+                out = out or codec.render_response(head, close)
+                out = out[:-2] + b"Connection: keep-alive\r\n\r\n"
         client.sent = 0
 
         if head.framing == BODY_NONE or (
             head.framing == BODY_LENGTH and head.content_length == 0
         ):
+            if len(buf) > end:
+                # Bytes after a response that has no body: whatever they
+                # are, they would be read as the next request's answer.
+                self.reusable = False
             client.write(out or codec.render_response(head, close))
             self._done(client)
             return
@@ -1673,10 +1713,21 @@ class UpstreamConnection:
             client.keep_alive = False
             client.response_done(False)
         elif self.state == HEAD and client.status == 0:
-            if self.uses > 1 and not self.got_bytes and client.req_framing == 0:
-                # A pooled connection the upstream had already closed: the
-                # request never reached it, so it is sent again on a fresh
-                # one (only bodiless requests: a body may be half gone).
+            request = client.head
+            if (
+                self.uses > 1
+                and not self.got_bytes
+                and client.req_framing == 0
+                and request is not None
+                and request.method in IDEMPOTENT
+            ):
+                # Most likely a pooled connection the upstream had closed
+                # as the request went out, but a sandbox that read it and
+                # then died looks the same from here.  So only a request
+                # that may be repeated (RFC 9110 §9.2.2; RFC 9112 §9.3.1
+                # forbids retrying any other) is sent again on a fresh
+                # connection, and only a bodiless one: a body may be half
+                # gone.
                 client.pending_body = [self.sent_head]
                 client._start_connect(self.key)
                 return

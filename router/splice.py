@@ -103,6 +103,7 @@ class SpliceRelay:
         "finished",
         "in_pipe",
         "loop",
+        "moved_at",
         "on_done",
         "pipe_r",
         "pipe_w",
@@ -126,6 +127,9 @@ class SpliceRelay:
         self.on_done = on_done
         self.in_pipe = 0
         self.finished = False
+        # When bytes last came from the source (``loop.time()``): what a
+        # timeout that runs from the last byte received needs to know.
+        self.moved_at = loop.time()
 
         # Duplicates, so that the event loop's own registration of the
         # originals is left alone; both transports keep their sockets.
@@ -152,6 +156,7 @@ class SpliceRelay:
             return
         self.remaining -= n
         self.in_pipe += n
+        self.moved_at = self.loop.time()
         self._drain()
 
     def _drain(self) -> None:
@@ -192,7 +197,11 @@ class SpliceRelay:
                 os.close(fd)
         if self.enlarged:
             PIPES.give_back()
-        if ok and not self.src.is_closing():
+        # The source's reading is handed back however the relay ended: one
+        # cancelled under a live connection (an upload the sandbox answered
+        # early) leaves the client's rest to be read and dropped while its
+        # answer goes out, and a paused client would never get it.
+        if not self.src.is_closing():
             self.src.resume_reading()
         self.on_done(ok)
 

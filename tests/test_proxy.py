@@ -447,6 +447,41 @@ def test_a_chunked_body_refused_partway_still_gets_its_413(
             assert b'"code":"BODY_TOO_LARGE"' in answer
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"5;a\rb\r\nhello\r\n0\r\n\r\n",  # a bare CR in an extension
+        b"5;\x00\r\nhello\r\n0\r\n\r\n",  # a NUL in one
+        b"5\r\nhello\r\n0\r\nX: y\n\n",  # trailers ended by bare LFs
+    ],
+)
+def test_a_chunked_body_a_sandbox_could_misread_is_refused(
+    make_router: MakeRouter, body: bytes
+) -> None:
+    # A chunked body goes upstream as it came, framing lines and all, so a
+    # line RFC 9112 lets no recipient pass on must not reach the sandbox: a
+    # server stricter or laxer than the router could take its end elsewhere.
+    router = make_router()
+    received: list[bytes] = []
+
+    def records(peer: Peer) -> None:
+        peer.read_head()
+        peer.closed_within(5)
+        received.append(peer.buf)
+
+    with ScriptedUpstream(records) as up:
+        host = router.host(router.expose("sb", up.port))
+        with Wire(router.port) as wire:
+            head = request_bytes(
+                host, method="POST", headers=[("Transfer-Encoding", "chunked")]
+            )
+            wire.send(head + body)
+            assert_answer(wire.response(), 400, "BAD_REQUEST")
+            assert wire.closed_within(3)
+        time.sleep(0.3)
+        assert all(b"hello" not in got for got in received)
+
+
 def test_a_closing_connection_stops_reading_after_its_linger_time(
     make_router: MakeRouter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1125,6 +1160,53 @@ def test_pooled_connection_closed_by_the_upstream_is_retried(
                 wire.send(request_bytes(host))
                 assert wire.response().body == b"ok"
         assert up.connections >= 30
+
+
+def test_bytes_after_a_bodiless_answer_keep_its_connection_out_of_the_pool(
+    make_router: MakeRouter,
+) -> None:
+    # A 304 has no body, so what follows it on the wire is nothing the
+    # router can frame: the connection is not reused for the next request,
+    # whose answer those bytes would otherwise start.
+    router = make_router()
+
+    def answers(peer: Peer) -> None:
+        while peer.read_request() is not None:
+            peer.send(b"HTTP/1.1 304 Not Modified\r\n\r\nstray")
+
+    with ScriptedUpstream(answers) as up:
+        host = router.host(router.expose("sb", up.port))
+        with Wire(router.port) as wire:
+            for _ in range(3):
+                wire.send(request_bytes(host))
+                response = wire.response()
+                assert response.status == 304 and response.body == b""
+        assert up.connections == 3
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+def test_a_request_that_may_not_be_repeated_is_sent_once(
+    make_router: MakeRouter, method: str
+) -> None:
+    # The second request on a pooled connection is read, then the sandbox
+    # dies without a word: to the router that looks like a stale pooled
+    # connection, but it may have charged a card (RFC 9112 §9.3.1).
+    router = make_router()
+
+    def answers_then_dies(peer: Peer) -> None:
+        if peer.read_request() is not None:
+            peer.send(OK_RESPONSE)
+            peer.read_request()
+
+    with ScriptedUpstream(answers_then_dies) as up:
+        host = router.host(router.expose("sb", up.port))
+        with Wire(router.port) as wire:
+            wire.send(request_bytes(host, "/first"))
+            assert wire.response().body == b"ok"
+            wire.send(request_bytes(host, "/charge", method=method))
+            assert_answer(wire.response(), 502, "UPSTREAM_CLOSED")
+        charges = [h for h in up.heads if h.startswith(method.encode() + b" ")]
+        assert len(charges) == 1
 
 
 def test_first_request_with_a_body_reaches_a_new_upstream(

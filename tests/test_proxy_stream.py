@@ -1122,8 +1122,71 @@ def test_final_answer_instead_of_100_continue(make_router: MakeRouter) -> None:
             response = wire.response()
             assert response.status == 413 and response.body == b"big!"
             # The body it announced was never sent: the connection cannot be
-            # reused, so the router ends it.
+            # reused, so the router ends it, and says so (RFC 9112 §9.6).
+            assert response.get("Connection") == "close"
             assert wire.closed_within(3)
+
+
+def test_early_answer_to_a_spliced_upload_reaches_a_client_still_sending(
+    make_router: MakeRouter,
+) -> None:
+    # An upload big enough to go client -> sandbox in the kernel; the
+    # sandbox refuses it a little way in and drains the rest.  The client
+    # writes its whole body before reading (Python's http.client does): its
+    # writes must all go through, and then it must read the 413, not a reset.
+    router = make_router()
+    total = 16 * 1024 * 1024
+
+    def refuse_midway(peer: Peer) -> None:
+        peer.read_head()
+        peer.read_exact(400_000)
+        peer.send(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 4\r\n\r\nbig!")
+        peer.closed_within(15)
+
+    with ScriptedUpstream(refuse_midway) as up:
+        host = router.host(router.expose("sb", up.port))
+        with Wire(router.port, timeout=20) as wire:
+            wire.send(
+                request_bytes(
+                    host, method="POST", headers=[("Content-Length", str(total))]
+                )
+            )
+            wire.send(b"a" * total)
+            response = wire.response()
+            assert response.status == 413 and response.body == b"big!"
+            assert response.get("Connection") == "close"
+            assert wire.closed_within(8)
+        assert router.service.proxy.stats.splices >= 1
+
+
+def test_a_spliced_upload_that_stalls_gets_the_response_timeout(
+    make_router: MakeRouter,
+) -> None:
+    # The same 504 as a stalled upload of a size that is not spliced: the
+    # response timeout runs from the last body byte either way.
+    router = make_router(response_timeout=1)
+
+    def reads_on(peer: Peer) -> None:
+        peer.read_head()
+        peer.closed_within(15)
+
+    with ScriptedUpstream(reads_on) as up:
+        host = router.host(router.expose("sb", up.port))
+        for announced, sent in ((200_000, 100_000), (10_000_000, 1_000_000)):
+            with Wire(router.port, timeout=10) as wire:
+                wire.send(
+                    request_bytes(
+                        host,
+                        method="POST",
+                        headers=[("Content-Length", str(announced))],
+                    )
+                )
+                wire.send(b"a" * sent)
+                response = wire.response()
+                assert response.status == 504
+                assert response.json()["code"] == "UPSTREAM_TIMEOUT"
+                assert wire.closed_within(8)
+        assert router.service.proxy.stats.splices == 1
 
 
 def test_http10_client_without_keep_alive(make_router: MakeRouter) -> None:
@@ -1136,11 +1199,18 @@ def test_http10_client_without_keep_alive(make_router: MakeRouter) -> None:
             assert response.status == 200
             assert response.json()["path"] == "/ten"
             assert wire.closed_within(3)
-        # Without Host, HTTP/1.0 is allowed but is not a preview request.
-        with Wire(router.port) as wire:
-            wire.send(b"GET / HTTP/1.0\r\n\r\n")
-            assert wire.response().json()["code"] == "NOT_FOUND"
-            assert wire.closed_within(3)
+        # HTTP/1.0 may leave Host out, but nothing can be routed without one
+        # (SPEC §1): the same 400 as a 1.1 request without it.
+        for version in ("1.0", "1.1"):
+            with Wire(router.port) as wire:
+                wire.send(f"GET / HTTP/{version}\r\n\r\n".encode())
+                response = wire.response()
+                assert response.status == 400
+                assert response.json() == {
+                    "error": "missing Host header",
+                    "code": "BAD_REQUEST",
+                }
+                assert wire.closed_within(3)
 
 
 def test_http10_client_with_keep_alive(make_router: MakeRouter) -> None:
@@ -1175,6 +1245,42 @@ def test_http10_client_with_keep_alive(make_router: MakeRouter) -> None:
             assert response.get("Connection") == "keep-alive"
             assert not wire.closed_within(0.2)
         assert [s["path"] for s in up.seen] == ["/1", "/2"]
+
+
+@pytest.mark.parametrize("keep_alive", [False, True])
+def test_http10_client_gets_no_transfer_encoding_on_a_head_answer(
+    make_router: MakeRouter, keep_alive: bool
+) -> None:
+    # The answer to HEAD has no body, but may say how a GET's would come:
+    # an HTTP/1.0 client must not be told of a coding it does not have
+    # (RFC 9112 §6.1).
+    router = make_router()
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Up: 1\r\n\r\n"
+
+    def answers_heads(peer: Peer) -> None:
+        while peer.read_head():
+            peer.send(answer)
+
+    with ScriptedUpstream(answers_heads) as up:
+        host = router.host(router.expose("sb", up.port))
+        headers = [("Connection", "keep-alive")] if keep_alive else []
+        with Wire(router.port) as wire:
+            for _ in range(2 if keep_alive else 1):
+                wire.send(
+                    request_bytes(host, method="HEAD", version="1.0", headers=headers)
+                )
+                response = wire.response(head_request=True)
+                assert response.status == 200 and response.get("X-Up") == "1"
+                assert response.get("Transfer-Encoding") is None
+                expected = "keep-alive" if keep_alive else "close"
+                assert response.get("Connection") == expected
+            if not keep_alive:
+                assert wire.closed_within(3)
+        # And an HTTP/1.1 client is told as sent.
+        with Wire(router.port) as wire:
+            wire.send(request_bytes(host, method="HEAD"))
+            response = wire.response(head_request=True)
+            assert response.get("Transfer-Encoding") == "chunked"
 
 
 @pytest.mark.parametrize("keep_alive", [False, True])

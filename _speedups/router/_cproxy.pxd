@@ -121,7 +121,7 @@ cdef class ClientConnection:
 cdef class UpstreamConnection:
     cdef public Proxy proxy
     cdef public ClientConnection client
-    cdef public object key, transport, write, framer, sent_head, relay
+    cdef public object key, transport, write, is_closing, framer, sent_head, relay
     cdef public list pool
     cdef public Py_ssize_t pool_epoch
     cdef public bytes buf
