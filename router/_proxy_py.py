@@ -184,8 +184,10 @@ class Proxy:
         # the control socket would skip every check.
         self.own_sockets = config.unix_listeners()
         self.pools: dict[tuple[str, Address], list[UpstreamConnection]] = {}
-        # Bumped when the sweeper drops a pool list: an upstream connection
-        # made before holds a list no one takes from any more.
+        # Bumped when a pool list is dropped (an upstream connection made
+        # before holds a list no one takes from any more) and when routes
+        # change (``route_pools`` below, and the connections' copies of its
+        # entries, no longer hold).
         self.pool_epoch = 0
         # route id → what its requests were last sent to, the pool of that,
         # and the Host it gets: (sandbox name, target, upstream host, port,
@@ -342,6 +344,7 @@ class Proxy:
         # ``c``, ``a`` token ``b-c``): a label handed to another sandbox is
         # a revocation, not a move.
         self.route_pools.clear()
+        self.pool_epoch += 1  # and the connections' copies
         before: dict[str, tuple[int, str]] = {}
         after: dict[str, tuple[int, str] | None] = {}
         final: dict[str, str] = {}  # each sandbox's state at the end
@@ -515,6 +518,9 @@ class ClientConnection:
         "seen_host",
         "seen_label",
         "sent",
+        "sent_epoch",
+        "sent_route",
+        "sent_to",
         "serial",
         "started",
         "state",
@@ -539,6 +545,11 @@ class ClientConnection:
         self.seen_host = b""
         self.seen_domains: tuple[bytes, ...] | None = None
         self.seen_label: bytes | None = None
+        # The last request's entry of ``Proxy.route_pools``, its route, and
+        # the ``Proxy.pool_epoch`` it was taken at.
+        self.sent_to: tuple[Any, ...] | None = None
+        self.sent_route = 0
+        self.sent_epoch = -1
         self.buf = b""
         self.state = HEAD
         self.deadline = 0.0
@@ -744,7 +755,14 @@ class ClientConnection:
         self.sandbox = name
         target = proxy.targets[target_slot] if target_slot else None
         upstream_host = proxy.sandbox_hosts[sandbox_slot]
-        sent_to = proxy.route_pools.get(route_id)
+        # What this connection's last request was sent to, if the route and
+        # the pools are still those (else the proxy's entry for the route):
+        # no dict lookup for the route on a kept-alive connection.
+        sent_to = self.sent_to
+        if self.sent_route != route_id or self.sent_epoch != proxy.pool_epoch:
+            sent_to = proxy.route_pools.get(route_id)
+            self.sent_route = route_id
+            self.sent_epoch = proxy.pool_epoch
         if (
             sent_to is None
             or sent_to[0] is not name
@@ -769,6 +787,7 @@ class ClientConnection:
                 local,
             )
             proxy.route_pools[route_id] = sent_to
+        self.sent_to = sent_to
         if self.listed_route != route_id:
             self._unlist()
             conns = proxy.by_route.get(route_id)
@@ -865,7 +884,7 @@ class ClientConnection:
             self._request_body(rest)
 
     def _forwarded_for(self, head: Any) -> bytes:
-        host = head.host or b""
+        host = head.host if head.host is not None else b""
         if self.proxy.trusted and self._trusted():
             return self._forwarded_trusted(head, self.peer.encode(), host)
         # The requests of a connection nearly always name one Host: the

@@ -18,6 +18,8 @@ from router._ctunnel cimport Tunnel as CTunnel
 cdef int HEAD, ACTIVE, TUNNEL, CLOSED, LINGER
 cdef int DL_NONE, DL_IDLE, DL_HEAD, DL_RESPONSE, DL_GRACE, DL_TUNNEL_IDLE, DL_LINGER
 cdef int BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE
+cdef int FLAG_PRESERVE_HOST
+cdef Py_ssize_t MAX_IDLE_PER_POOL
 cdef Codec codec
 
 cdef class ClientConnection
@@ -65,6 +67,9 @@ cdef class ClientConnection:
     cdef public object transport, write, peer, forwarded, forwarded_for, sandbox
     cdef public bytes forwarded_host, forwarded_block, seen_host
     cdef public object seen_domains, seen_label
+    cdef public tuple sent_to
+    cdef public long long sent_route
+    cdef public Py_ssize_t sent_epoch
     cdef public bytes buf
     cdef public object req_framer, label
     cdef public CTunnel tunnel
@@ -137,7 +142,7 @@ cdef class UpstreamConnection:
 
     @cython.locals(head=ResponseHead, request=RequestHead, status=int,
                    close=bint, n=cython.longlong, end=Py_ssize_t, buf=bytes,
-                   given=Py_ssize_t)
+                   given=Py_ssize_t, out=bytes)
     cpdef _head(self, ClientConnection client)
 
     @cython.locals(n=cython.longlong, framing=int)
