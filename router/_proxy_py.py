@@ -41,7 +41,7 @@ from .quiet import Repeats
 from .routes import FLAG_PRESERVE_HOST, ForwardingTable, parse_target, same_socket
 from .speedups import http, labels
 from .speedups import tunnel as _tunnel
-from .splice import SpliceRelay, can_splice
+from .splice import SpliceRelay, can_splice, has_more
 
 log = logging.getLogger("edge_router")
 access_log = logging.getLogger("edge_router.access")
@@ -508,6 +508,8 @@ class ClientConnection:
         "peer",
         "pending_body",
         "proxy",
+        "read_again",
+        "reading",
         "req_done",
         "req_framer",
         "req_framing",
@@ -576,6 +578,9 @@ class ClientConnection:
         # A body this connection will not read may still be on its way: its
         # end waits for the client (``_close``).
         self.body_unread = False
+        # ``_next_request`` is running, and has another request to read.
+        self.reading = False
+        self.read_again = False
         # Requests begun on this connection, to tell a late connect's
         # result from the current request's (``_connect``).
         self.serial = 0
@@ -673,6 +678,24 @@ class ClientConnection:
     # -- requests --------------------------------------------------------
 
     def _next_request(self) -> None:
+        # A request the router answers itself (a 404, a 400) ends inside
+        # ``_read_request``, and ``_request_finished`` then starts the next
+        # pipelined one: called from here, that would nest one call deeper
+        # per request, as deep as a client cares to pipeline.  It is taken
+        # by this loop instead.
+        if self.reading:
+            self.read_again = True
+            return
+        self.reading = True
+        try:
+            self._read_request()
+            while self.read_again:
+                self.read_again = False
+                self._read_request()
+        finally:
+            self.reading = False
+
+    def _read_request(self) -> None:
         proxy = self.proxy
         try:
             head = codec.parse_request(self.buf, proxy.max_head)
@@ -1602,6 +1625,11 @@ class UpstreamConnection:
             return
         if ok:
             self.remaining = 0
+            if self.transport is None or has_more(self.transport):
+                # More than the announced length, behind the spliced body:
+                # the next request on this socket would read it as its
+                # answer, so the socket is not reused.
+                self.reusable = False
             self._done(client)
         else:
             self._abort(client)

@@ -81,6 +81,25 @@ def _tcp_fd(transport: Any) -> int | None:
     return fd if fd >= 0 else None
 
 
+def has_more(transport: Any) -> bool:
+    """Whether bytes (or the end of the stream) wait on ``transport``'s
+    socket: a relay reads no further than its limit, so what a peer sent
+    past it is still there, unseen by the transport."""
+    fd = _tcp_fd(transport)
+    if fd is None:
+        return True  # cannot tell: take it as not clean
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.detach()  # the transport still owns the descriptor
+    return True
+
+
 def can_splice(src: Any, dst: Any, size: int) -> bool:
     return (
         AVAILABLE

@@ -305,6 +305,7 @@ _RELAYED = {
         rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
     ),
     "trailer section has a bare LF": re.compile(rb"(?<!\r)\n"),
+    "obsolete line folding in trailer section": re.compile(rb"\n[ \t]"),
 }
 
 
@@ -1336,6 +1337,7 @@ def test_framer_decode(http: ModuleType) -> None:
         b"5;\x7f\r\n",
         b"0\r\n\n",
         b"0\r\nX: y\n\r\n",
+        b"0\r\nX: y\r\n z\r\n\r\n",
     ],
 )
 def test_framer_refuses(http: ModuleType, body: bytes) -> None:

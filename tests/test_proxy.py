@@ -453,6 +453,7 @@ def test_a_chunked_body_refused_partway_still_gets_its_413(
         b"5;a\rb\r\nhello\r\n0\r\n\r\n",  # a bare CR in an extension
         b"5;\x00\r\nhello\r\n0\r\n\r\n",  # a NUL in one
         b"5\r\nhello\r\n0\r\nX: y\n\n",  # trailers ended by bare LFs
+        b"5\r\nhello\r\n0\r\nX: y\r\n z\r\n\r\n",  # a folded trailer
     ],
 )
 def test_a_chunked_body_a_sandbox_could_misread_is_refused(
@@ -1160,6 +1161,23 @@ def test_pooled_connection_closed_by_the_upstream_is_retried(
                 wire.send(request_bytes(host))
                 assert wire.response().body == b"ok"
         assert up.connections >= 30
+
+
+def test_a_long_pipeline_of_requests_the_router_answers_itself(
+    make_router: MakeRouter,
+) -> None:
+    # Each is answered while the one before is still being read: 3,000 in
+    # one write must all get their answer, in order, on a connection that
+    # stays open (the pure twin used to nest a call per request and fail
+    # on Python's recursion limit).
+    router = make_router()
+    count = 3000
+    with Wire(router.port, timeout=20) as wire:
+        wire.send(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n" * count)
+        for _ in range(count):
+            assert_answer(wire.response(), 404, "NOT_FOUND")
+        wire.send(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert_answer(wire.response(), 404, "NOT_FOUND")
 
 
 def test_bytes_after_a_bodiless_answer_keep_its_connection_out_of_the_pool(

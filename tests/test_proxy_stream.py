@@ -1159,6 +1159,38 @@ def test_early_answer_to_a_spliced_upload_reaches_a_client_still_sending(
         assert router.service.proxy.stats.splices >= 1
 
 
+def test_bytes_past_a_spliced_body_keep_its_connection_out_of_the_pool(
+    make_router: MakeRouter,
+) -> None:
+    # The upstream sends more than its Content-Length: a second answer
+    # behind a body big enough to be spliced.  The relay moves exactly the
+    # announced length, so the rest waits in the socket; the pipelined
+    # request behind must get its own answer, not that one.
+    router = make_router()
+    big = b"b" * (1024 * 1024)
+
+    def answers(peer: Peer) -> None:
+        while head := peer.read_head():
+            if head.startswith(b"GET /1 "):
+                peer.send(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big)
+                    + big
+                    + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!"
+                )
+            else:
+                peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nGOOD!")
+
+    with ScriptedUpstream(answers) as up:
+        host = router.host(router.expose("sb", up.port))
+        with Wire(router.port, timeout=10) as wire:
+            wire.send(request_bytes(host, "/1") + request_bytes(host, "/2"))
+            first = wire.response()
+            assert first.status == 200 and first.body == big
+            assert wire.response().body == b"GOOD!"
+        assert router.service.proxy.stats.splices >= 1
+        assert up.connections == 2
+
+
 def test_a_spliced_upload_that_stalls_gets_the_response_timeout(
     make_router: MakeRouter,
 ) -> None:

@@ -1457,6 +1457,11 @@ cdef class ChunkedFramer:
             # differently (the next request, even, for trailers).
             if section.count(b"\n") != section.count(b"\r\n"):
                 raise _bad("trailer section has a bare LF")
+            # And, as in a request head, no obs-fold (RFC 9112 §5.2): h11
+            # unfolds it, the sandbox would get it folded.
+            folded = b"\n " in section or b"\n\t" in section
+            if folded or section.startswith((b" ", b"\t")):
+                raise _bad("obsolete line folding in trailer section")
             _check_trailers(section)
         except ParseError:
             self._state = _FAILED

@@ -78,6 +78,7 @@ cdef class ClientConnection:
     cdef public double deadline, started, last_active
     cdef public long long route_id, listed_route, req_remaining, sent, serial
     cdef public bint req_done, paused, keep_alive, body_unread
+    cdef public bint reading, read_again
 
     @cython.locals(tunnel=CTunnel)
     cpdef data_received(self, object data)
@@ -86,6 +87,8 @@ cdef class ClientConnection:
                    route_id=cython.longlong, sandbox_slot=Py_ssize_t, port=int,
                    target_slot=Py_ssize_t, end=Py_ssize_t,
                    flags=int, conns=set, sent_to=tuple, host=bytes)
+    cpdef _read_request(self)
+
     cpdef _next_request(self)
 
     @cython.locals(head=RequestHead, proxy=Proxy, up=UpstreamConnection)
