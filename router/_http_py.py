@@ -27,6 +27,9 @@ differential tests in ``tests/test_http_parser.py`` list the same cases:
   characters.
 * A chunk-size line is refused as soon as no ending could make it valid; h11
   waits for its CRLF first, then refuses it too.
+* A chunked body is relayed as it came, so what a sandbox could read another
+  way is refused in it: a bare CR or a control byte in a chunk extension, a
+  bare LF or obs-fold in the trailer section.  h11 accepts all four.
 * A head longer than ``max_head`` is refused even when it arrived complete;
   h11 only counts bytes buffered while the head is still incomplete.
 """
@@ -1079,16 +1082,6 @@ class ChunkedFramer:
         section = bytes(self._trailers)
         self._trailers = bytearray()
         try:
-            # h11 takes a bare LF for a line end here; the section goes on
-            # as it came, and a sandbox that wants CRLF would read it
-            # differently (the next request, even, for trailers).
-            if section.count(b"\n") != section.count(b"\r\n"):
-                raise _bad("trailer section has a bare LF")
-            # And, as in a request head, no obs-fold (RFC 9112 §5.2): h11
-            # unfolds it, the sandbox would get it folded.
-            folded = b"\n " in section or b"\n\t" in section
-            if folded or section.startswith((b" ", b"\t")):
-                raise _bad("obsolete line folding in trailer section")
             _check_trailers(section)
         except ParseError:
             self._state = _FAILED
@@ -1096,13 +1089,18 @@ class ChunkedFramer:
 
 
 def _check_trailers(section: bytes) -> None:
-    # RFC 9112 §7.1.2: a header section, read as a response head's is (h11
-    # unfolds obs-fold in both).  ``section`` ends with its blank line.
+    # RFC 9112 §7.1.2: a header section, ending with its blank line.  It goes
+    # on as it came, so two things h11 reads leniently are refused: a bare
+    # LF (a sandbox that wants CRLF would read the lines otherwise, even take
+    # the next request for more trailers) and obs-fold (h11 unfolds it; RFC
+    # 9112 §5.2, as in a request head).
+    if section.count(b"\n") != section.count(b"\r\n"):
+        raise _bad("trailer section has a bare LF")
+    folded = b"\n " in section or b"\n\t" in section
+    if folded or section.startswith((b" ", b"\t")):
+        raise _bad("obsolete line folding in trailer section")
     if len(section) <= 2:
         return
-    blank = len(section) - (3 if section.endswith(b"\r\n") else 2)
+    blank = len(section) - 3  # every line ends with CRLF
     _check_head_bytes(section, len(section))
-    lines = _head_lines(section, blank)
-    if _has_fold(section, blank) or section[0] in b" \t":
-        lines = _unfold(lines)
-    _parse_fields(lines)
+    _parse_fields(_head_lines(section, blank))

@@ -516,12 +516,10 @@ class ClientConnection:
         "req_remaining",
         "route_id",
         "sandbox",
-        "seen_domains",
         "seen_host",
         "seen_label",
         "sent",
         "sent_epoch",
-        "sent_route",
         "sent_to",
         "serial",
         "started",
@@ -543,14 +541,13 @@ class ClientConnection:
         self.forwarded_for = b""
         self.forwarded_host = b""
         self.forwarded_block = b""
-        # The last Host seen and its label (``_next_request``).
-        self.seen_host = b""
-        self.seen_domains: tuple[bytes, ...] | None = None
+        # The last Host seen and its label (``_read_request``); the domains
+        # that label depends on are the proxy's for its whole life.
+        self.seen_host: bytes | None = None
         self.seen_label: bytes | None = None
-        # The last request's entry of ``Proxy.route_pools``, its route, and
-        # the ``Proxy.pool_epoch`` it was taken at.
+        # The last request's entry of ``Proxy.route_pools``, and the
+        # ``Proxy.pool_epoch`` it was taken at.
         self.sent_to: tuple[Any, ...] | None = None
-        self.sent_route = 0
         self.sent_epoch = -1
         self.buf = b""
         self.state = HEAD
@@ -737,7 +734,7 @@ class ClientConnection:
             self._reply("BAD_REQUEST", "missing Host header")
             return
         host = head.host
-        if host == self.seen_host and proxy.domains is self.seen_domains:
+        if host == self.seen_host:
             label = self.seen_label
         else:
             try:
@@ -746,7 +743,6 @@ class ClientConnection:
                 self._reply("BAD_REQUEST", "Invalid Host header")
                 return
             self.seen_host = host
-            self.seen_domains = proxy.domains
             self.seen_label = label
         if label is None:
             if proxy.fallback is None:
@@ -778,13 +774,12 @@ class ClientConnection:
         self.sandbox = name
         target = proxy.targets[target_slot] if target_slot else None
         upstream_host = proxy.sandbox_hosts[sandbox_slot]
-        # What this connection's last request was sent to, if the route and
-        # the pools are still those (else the proxy's entry for the route):
-        # no dict lookup for the route on a kept-alive connection.
+        # What this connection's last request (on ``listed_route``) was sent
+        # to, if the route and the pools are still those (else the proxy's
+        # entry for the route): no dict lookup on a kept-alive connection.
         sent_to = self.sent_to
-        if self.sent_route != route_id or self.sent_epoch != proxy.pool_epoch:
+        if self.listed_route != route_id or self.sent_epoch != proxy.pool_epoch:
             sent_to = proxy.route_pools.get(route_id)
-            self.sent_route = route_id
             self.sent_epoch = proxy.pool_epoch
         if (
             sent_to is None

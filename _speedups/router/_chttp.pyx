@@ -5,12 +5,13 @@ Built as ``router._chttp``.  It follows ``router/_http_py.py`` function by
 function and gives the same answers; that file's docstring lists where both
 are deliberately stricter than h11 0.16, the reference for everything else.
 
-The head is read with C pointer scans over the caller's buffer: ``memchr``
-for line ends and for the bytes no head may contain, a table lookup per byte
-only for methods, targets and field names.  No regular expression and no
-per-header object beyond the (name, value) tuples handed back: besides the
-head and its list, a parse makes one small record of what the header section
-says and one bytes object of per-header render actions.
+The head is read with C scans over the caller's buffer: its end found and
+the bytes no head may contain looked for 16 at a time (``_headscan.h``),
+``memchr`` for the line ends within it, a table lookup per byte only for
+methods, targets and field names.  No regular expression and no per-header
+object: besides the head, a parse makes one bytes object of header offsets
+and render actions, and fills one shared record of what the header section
+says.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -211,8 +212,8 @@ cdef object _get(bytes raw, bytes spans, Py_ssize_t count, bytes lname):
 
 
 # Heads and _Fields hold only bytes (and a list of bytes): they can be in no
-# reference cycle, so the cycle collector is spared tracking the four of them
-# a request makes.
+# reference cycle, so the cycle collector is spared tracking the two heads a
+# request makes.
 @cython.no_gc
 cdef class _Head:
     """What request and response heads share; attributes are read-only."""
@@ -296,27 +297,14 @@ cdef _Fields _fresh_fields(bytes raw, bytes spans):
 # ---------------------------------------------------------------------------
 # Finding the head
 
-cdef struct _Span:
-    Py_ssize_t blank    # offset of the LF that starts the blank line
-    Py_ssize_t end      # offset just past the head
-    Py_ssize_t lines    # lines before the blank one
-    bint folded         # a line after the first starts with SP or HTAB
-
-
-cdef bint _find_head(
-    const char* buf, Py_ssize_t size, Py_ssize_t max_head, _Span* span
+cdef inline bint _find_head(
+    const char* buf, Py_ssize_t size, Py_ssize_t max_head, eh_span* span
 ) noexcept:
     # Like h11, the head ends at the first LF followed by an empty line,
-    # CRLF or bare LF (RFC 9112 §2.2).  Only the first max_head bytes are
-    # searched, so a large pipelined body behind the head is never scanned.
-    cdef eh_span found
-    if not eh_find_head(buf, size if size < max_head else max_head, &found):
-        return False
-    span.blank = found.blank
-    span.end = found.end
-    span.lines = found.lines
-    span.folded = found.folded
-    return True
+    # CRLF or bare LF (RFC 9112 §2.2); ``span`` says where (_headscan.h).
+    # Only the first max_head bytes are searched, so a large pipelined body
+    # behind the head is never scanned.
+    return eh_find_head(buf, size if size < max_head else max_head, span)
 
 
 cdef int _incomplete(
@@ -692,7 +680,7 @@ cdef bytes _head_bytes(object obj, const char* buf, Py_ssize_t end):
 cdef object _parse_request(
     object obj, const char* buf, Py_ssize_t size, Py_ssize_t max_head
 ):
-    cdef _Span span
+    cdef eh_span span
     cdef Py_ssize_t line_end, pos, first, second, i
     cdef const char* space
     cdef int version, framing
@@ -1057,7 +1045,7 @@ cdef object _response_head(
     Py_ssize_t max_head,
     bint head_request,
 ):
-    cdef _Span span
+    cdef eh_span span
     cdef Py_ssize_t line_end, pos, i
     cdef int version, status, framing
     cdef bint keep_alive
@@ -1452,16 +1440,6 @@ cdef class ChunkedFramer:
         cdef bytes section = bytes(self._trailers)
         self._trailers = bytearray()
         try:
-            # h11 takes a bare LF for a line end here; the section goes on
-            # as it came, and a sandbox that wants CRLF would read it
-            # differently (the next request, even, for trailers).
-            if section.count(b"\n") != section.count(b"\r\n"):
-                raise _bad("trailer section has a bare LF")
-            # And, as in a request head, no obs-fold (RFC 9112 §5.2): h11
-            # unfolds it, the sandbox would get it folded.
-            folded = b"\n " in section or b"\n\t" in section
-            if folded or section.startswith((b" ", b"\t")):
-                raise _bad("obsolete line folding in trailer section")
             _check_trailers(section)
         except ParseError:
             self._state = _FAILED
@@ -1482,16 +1460,23 @@ cdef inline int _trailer_byte(int state, unsigned char byte) noexcept:
 
 
 cdef int _check_trailers(bytes section) except -1:
-    # RFC 9112 §7.1.2: a header section, read as a response head's is (h11
-    # unfolds obs-fold in both).  ``section`` ends with its blank line.
+    # RFC 9112 §7.1.2: a header section, ending with its blank line.  It goes
+    # on as it came, so two things h11 reads leniently are refused: a bare
+    # LF (a sandbox that wants CRLF would read the lines otherwise, even take
+    # the next request for more trailers) and obs-fold (h11 unfolds it; RFC
+    # 9112 §5.2, as in a request head).
     cdef const char* raw = PyBytes_AS_STRING(section)
     cdef Py_ssize_t size = PyBytes_GET_SIZE(section)
     cdef Py_ssize_t blank, lines = 1, pos = 0
-    cdef bint folded = _is_space(raw[0])
     cdef const char* lf
+    if section.count(b"\n") != section.count(b"\r\n"):
+        raise _bad("trailer section has a bare LF")
+    folded = b"\n " in section or b"\n\t" in section
+    if folded or section.startswith((b" ", b"\t")):
+        raise _bad("obsolete line folding in trailer section")
     if size <= 2:
         return 0
-    blank = size - (3 if raw[size - 2] == b"\r" else 2)
+    blank = size - 3  # every line ends with CRLF
     _check_head_bytes(raw, size)
     while True:
         lf = <const char*>memchr(raw + pos, b"\n", blank - pos)
@@ -1499,10 +1484,5 @@ cdef int _check_trailers(bytes section) except -1:
             break
         lines += 1
         pos = lf - raw + 1
-        if _is_space(raw[pos]):
-            folded = True
-    if folded:
-        _parse_unfolded(section[:blank])
-    else:
-        _parse_fields(raw, 0, blank, lines)
+    _parse_fields(section, 0, blank, lines)
     return 0

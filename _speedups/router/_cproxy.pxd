@@ -66,9 +66,8 @@ cdef class ClientConnection:
     cdef public RequestHead head
     cdef public object transport, write, peer, forwarded, forwarded_for, sandbox
     cdef public bytes forwarded_host, forwarded_block, seen_host
-    cdef public object seen_domains, seen_label
+    cdef public object seen_label
     cdef public tuple sent_to
-    cdef public long long sent_route
     cdef public Py_ssize_t sent_epoch
     cdef public bytes buf
     cdef public object req_framer, label
